@@ -1,0 +1,55 @@
+# Every command a user needs; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+# Figure 1 sweep: both arms x SEEDS, 50,000 steps each (Section 4.1), JOBS in parallel.
+SEEDS ?= 1,2,3
+JOBS ?= 2
+SWEEP_DIR ?= logs/reproduce-mnist
+MNIST_RESULTS := results/mnist
+
+.PHONY: help install lint format test test-full reproduce-mnist figures clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+lint: install ## ruff lint and format check
+	$(VENV)/bin/ruff check src scripts tests
+	$(VENV)/bin/ruff format --check src scripts tests
+
+format: install ## ruff: fix what it can and format
+	$(VENV)/bin/ruff check --fix src scripts tests
+	$(VENV)/bin/ruff format src scripts tests
+
+test: lint ## Install, lint, then run the test suite (skips tests marked slow)
+	$(PY) -m pytest -m "not slow"
+
+test-full: lint ## The whole test suite, slow tests included
+	$(PY) -m pytest
+
+reproduce-mnist: install ## Figure 1: baseline and BN x SEEDS x 50k steps, then results/mnist/figure1.*
+	rm -rf $(SWEEP_DIR)
+	$(VENV)/bin/bnrepro-train --multirun experiment=mnist/baseline,mnist/bn seed=$(SEEDS) \
+		hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(SWEEP_DIR)
+	$(PY) scripts/collect_runs.py $(SWEEP_DIR) $(MNIST_RESULTS)/runs
+	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
+
+figures: install ## Rebuild every figure in results/ from the run logs stored there
+	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
+
+clean: ## Remove caches (keeps .venv, logs/ and results/)
+	rm -rf .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

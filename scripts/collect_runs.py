@@ -1,0 +1,48 @@
+"""Copy the small, plottable part of a sweep's run directories into results/.
+
+    python scripts/collect_runs.py logs/reproduce-mnist results/mnist/runs
+
+Each run becomes <arm>-seed<seed>/ with metrics.jsonl, summary.json and the composed config,
+so `make figures` can rebuild the figures on a fresh clone without re-training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from bnrepro.runs import find_runs
+
+KEEP = {
+    "metrics.jsonl": "metrics.jsonl",
+    "summary.json": "summary.json",
+    ".hydra/config.yaml": "config.yaml",
+    ".hydra/overrides.yaml": "overrides.yaml",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("dest", type=Path)
+    args = parser.parse_args()
+    runs = find_runs(args.sweep_dir)
+    if not runs:
+        print(f"error: no run directories (summary.json) under {args.sweep_dir}", file=sys.stderr)
+        return 2
+    if args.dest.exists():
+        shutil.rmtree(args.dest)
+    for run in runs:
+        target = args.dest / f"{run.arm}-seed{run.seed}"
+        target.mkdir(parents=True)
+        for source, name in KEEP.items():
+            if (run.path / source).is_file():
+                shutil.copy2(run.path / source, target / name)
+    print(f"collected {len(runs)} runs into {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Figure 1 of the paper from stored MNIST run logs.
+
+    python scripts/make_figure1.py --runs results/mnist/runs --out results/mnist
+
+(a) test accuracy against training step, mean and min-max band over seeds, with and
+without BN; (b, c) the 15th/50th/85th percentiles of the input to one typical sigmoid of the
+last hidden layer, without (b) and with (c) BN. Writes figure1.png and figure1.json (the
+plotted numbers and the per-arm statistics quoted in the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from bnrepro.plots import plot_accuracy_band, plot_percentiles, save
+from bnrepro.runs import RunRecord, find_runs
+
+ARMS = {"baseline": "Without BN", "bn": "With BN"}
+COLORS = {"baseline": "tab:blue", "bn": "tab:red"}
+COMMAND = "make reproduce-mnist"
+
+
+def last_hidden_layer(run: RunRecord) -> str:
+    layers = {key.split("/")[1] for key in run.metrics[0] if key.startswith("act/")}
+    return max(layers, key=lambda name: int(name[1:]))
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+
+
+def trace(run: RunRecord, layer: str, key: str) -> np.ndarray:
+    return np.array([r[f"act/{layer}/{key}"] for r in run.metrics])
+
+
+def drift(run: RunRecord, layer: str) -> dict[str, float]:
+    """How far the median and the 15-85 spread moved between the first and last evaluation."""
+    p15, p50, p85 = (trace(run, layer, k) for k in ("p15", "p50", "p85"))
+    spread = p85 - p15
+    return {"p50": float(abs(p50[-1] - p50[0])), "spread": float(abs(spread[-1] - spread[0]))}
+
+
+def arm_statistics(runs: list[RunRecord], layer: str) -> dict:
+    completed = [r for r in runs if r.summary["status"] == "completed"]
+    drifts = [drift(r, layer) for r in completed]
+    return {
+        "seeds": [r.seed for r in runs],
+        "status": {str(r.seed): r.summary["status"] for r in runs},
+        "final_test_acc": mean_std([r.summary["final_test_acc"] for r in completed]),
+        "best_test_acc": mean_std([r.summary["best_test_acc"] for r in completed]),
+        "p50_drift": mean_std([d["p50"] for d in drifts]),
+        "spread_drift": mean_std([d["spread"] for d in drifts]),
+    }
+
+
+def accuracy_matrix(runs: list[RunRecord]) -> tuple[list[int], np.ndarray]:
+    """Steps and a (runs x evaluations) accuracy matrix, cut to the evaluations all share."""
+    n = min(len(r.metrics) for r in runs)
+    steps = [r["step"] for r in runs[0].metrics[:n]]
+    return steps, np.array([[m["test/acc"] for m in r.metrics[:n]] for r in runs])
+
+
+def first_step_reaching(steps: list[int], curve: np.ndarray, target: float) -> int | None:
+    hits = np.nonzero(curve >= target)[0]
+    return int(steps[hits[0]]) if hits.size else None
+
+
+def build(runs: list[RunRecord], out: Path) -> dict:
+    by_arm = {arm: [r for r in runs if r.arm == arm] for arm in ARMS}
+    missing = [arm for arm, rs in by_arm.items() if not rs]
+    if missing:
+        raise SystemExit(f"error: no runs of arm(s) {missing}; run `{COMMAND}` first")
+    layer = last_hidden_layer(runs[0])
+    trace_seed = min(r.seed for r in runs)
+    result: dict = {
+        "command": COMMAND,
+        "layer": layer,
+        "trace_seed": trace_seed,
+        "arms": {},
+        "plotted": {},
+    }
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for arm, title in ARMS.items():
+        arm_runs = [r for r in by_arm[arm] if r.summary["status"] == "completed"]
+        steps, accs = accuracy_matrix(arm_runs)
+        plot_accuracy_band(axes[0], steps, accs, f"{title} (n={len(arm_runs)})", COLORS[arm])
+        shown = (
+            next(r for r in arm_runs if r.seed == trace_seed)
+            if any(r.seed == trace_seed for r in arm_runs)
+            else arm_runs[0]
+        )
+        traces = {k: trace(shown, layer, k).tolist() for k in ("p15", "p50", "p85")}
+        panel = axes[1] if arm == "baseline" else axes[2]
+        plot_percentiles(
+            panel,
+            [m["step"] for m in shown.metrics],
+            traces,
+            f"({'b' if arm == 'baseline' else 'c'}) {title}: {layer} unit, seed {shown.seed}",
+        )
+        result["arms"][arm] = arm_statistics(by_arm[arm], layer)
+        result["plotted"][arm] = {
+            "steps": steps,
+            "test_acc_mean": accs.mean(axis=0).tolist(),
+            "test_acc_min": accs.min(axis=0).tolist(),
+            "test_acc_max": accs.max(axis=0).tolist(),
+            "trace_steps": [m["step"] for m in shown.metrics],
+            **traces,
+        }
+    axes[0].set_title("(a) Test accuracy, mean and min-max over seeds")
+    axes[0].set_ylim(90, 100)
+    axes[0].legend(loc="lower right")
+    axes[2].legend(fontsize=8, loc="lower right")
+    # Same scale for (b) and (c), so that drift reads the same in both panels.
+    low = min(axes[1].get_ylim()[0], axes[2].get_ylim()[0])
+    high = max(axes[1].get_ylim()[1], axes[2].get_ylim()[1])
+    for ax in axes[1:]:
+        ax.set_ylim(low, high)
+    out.mkdir(parents=True, exist_ok=True)
+    save(fig, out / "figure1.png")
+
+    baseline_final = result["arms"]["baseline"]["final_test_acc"]["mean"]
+    bn = result["plotted"]["bn"]
+    result["bn_steps_to_baseline_final_acc"] = first_step_reaching(
+        bn["steps"], np.array(bn["test_acc_mean"]), baseline_final
+    )
+    (out / "figure1.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Build Figure 1 from MNIST run logs.")
+    parser.add_argument("--runs", type=Path, default=Path("results/mnist/runs"))
+    parser.add_argument("--out", type=Path, default=Path("results/mnist"))
+    args = parser.parse_args()
+    runs = find_runs(args.runs)
+    if not runs:
+        print(f"error: no runs under {args.runs}; run `{COMMAND}` first", file=sys.stderr)
+        return 2
+    result = build(runs, args.out)
+    for arm, stats in result["arms"].items():
+        acc, p50, spread = stats["final_test_acc"], stats["p50_drift"], stats["spread_drift"]
+        print(
+            f"{arm:9s} final test acc {acc['mean']:.2f} ± {acc['std']:.2f} % (n={acc['n']}), "
+            f"p50 drift {p50['mean']:.2f}, spread drift {spread['mean']:.2f}"
+        )
+    print(
+        f"BN reaches the baseline's final accuracy at step "
+        f"{result['bn_steps_to_baseline_final_acc']}"
+    )
+    print(f"wrote {args.out / 'figure1.png'} and {args.out / 'figure1.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

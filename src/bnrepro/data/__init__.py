@@ -1,0 +1,1 @@
+"""Datasets, kept as in-memory tensors."""

@@ -1,0 +1,103 @@
+"""MNIST as four in-memory tensors, read by torchvision and verified by sha256."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.datasets import MNIST
+
+from bnrepro.errors import DataError
+
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True)
+class MnistTensors:
+    """Images as float32 in [0, 1] flattened to 784, labels as int64."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def raw_dir(root: str | Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksums(root: str | Path, expected: Mapping[str, str]) -> None:
+    """Raise DataError naming the first raw file whose sha256 differs from `expected`."""
+    for name, want in expected.items():
+        path = raw_dir(root) / name
+        got = sha256_of(path)
+        if got != want:
+            raise DataError(
+                f"MNIST file {path} is corrupt: sha256 {got}, expected {want}. "
+                f"Delete it and download again (or point DATA_DIR at a good copy)."
+            )
+
+
+def ensure_raw_files(root: str | Path, download: bool) -> None:
+    """Make sure the four raw IDX files exist, downloading them when allowed and possible."""
+    missing = [name for name in RAW_FILES if not (raw_dir(root) / name).is_file()]
+    if not missing:
+        return
+    hint = (
+        f"MNIST not found in {raw_dir(root)} (missing {', '.join(missing)}). "
+        f"Set DATA_DIR (or paths.data_dir=...) to a folder holding MNIST/raw/"
+    )
+    if not download:
+        raise DataError(hint + ", or allow data.download=true.")
+    # torchvision prints every mirror it tries; keep that noise out of the one-line error.
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise):
+            MNIST(str(root), train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to fetch means the same to the user
+        raise DataError(hint + f"; the download failed ({type(exc).__name__}).") from exc
+
+
+def load_mnist(
+    root: str | Path, *, download: bool = True, sha256: Mapping[str, str] | None = None
+) -> MnistTensors:
+    """Load MNIST from `root`/MNIST/raw into memory, after checking every raw file."""
+    ensure_raw_files(root, download)
+    if sha256:
+        verify_checksums(root, sha256)
+    try:
+        train = MNIST(str(root), train=True, download=False)
+        test = MNIST(str(root), train=False, download=False)
+    except Exception as exc:  # noqa: BLE001 - torchvision raises bare AssertionError etc.
+        raise DataError(
+            f"could not read MNIST from {raw_dir(root)} ({type(exc).__name__}: {exc}); "
+            f"replace the raw files with the original IDX files."
+        ) from exc
+    return MnistTensors(
+        train_x=_as_float(train.data),
+        train_y=train.targets.long(),
+        test_x=_as_float(test.data),
+        test_y=test.targets.long(),
+    )
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.reshape(images.shape[0], -1).float().div_(255.0)

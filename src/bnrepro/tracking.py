@@ -1,0 +1,123 @@
+"""Where a run's numbers go: local files always, W&B when asked.
+
+Local files are the record the figures are built from: ``metrics.jsonl`` (one JSON object
+per evaluation) and ``summary.json``. W&B mirrors them; a W&B failure is reported once and
+never stops training or loses a local line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    # JSON has no NaN/inf; a diverged loss is written as null rather than breaking the file.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Tracker:
+    """One run's sink for metric records, summary values and images."""
+
+    def __init__(self, run_dir: Path, wandb_run: Any | None) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.summary_path = run_dir / "summary.json"
+        self._metrics = self.metrics_path.open("w")
+        self._wandb = wandb_run
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one evaluation record (it must hold "step")."""
+        self._metrics.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._metrics.flush()
+        self._to_wandb(lambda run: run.log(dict(record)))
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        write_json_atomic(self.summary_path, {k: _jsonable(v) for k, v in summary.items()})
+        self._to_wandb(lambda run: run.summary.update(dict(summary)))
+
+    def log_image(self, key: str, path: Path) -> None:
+        def send(run: Any) -> None:
+            import wandb
+
+            run.log({key: wandb.Image(str(path))})
+
+        self._to_wandb(send)
+
+    def close(self) -> None:
+        self._metrics.close()
+
+    def _to_wandb(self, action: Any) -> None:
+        if self._wandb is None:
+            return
+        try:
+            action(self._wandb)
+        except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+            log.warning(
+                "W&B logging failed (%s: %s); continuing with local logs only.",
+                type(exc).__name__,
+                exc,
+            )
+            self._wandb = None
+
+
+def start_wandb(logger_cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any]) -> Any:
+    """Start one W&B run for this job, or return None (with one warning) if W&B fails."""
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=logger_cfg["project"],
+            entity=logger_cfg.get("entity"),
+            group=logger_cfg.get("group"),
+            name=logger_cfg.get("name"),
+            tags=list(logger_cfg.get("tags") or []),
+            mode=logger_cfg.get("mode", "offline"),
+            dir=str(run_dir),
+            config=dict(config),
+            # Multiruns of the basic launcher share one process: each job needs its own run.
+            reinit="create_new",
+            settings=wandb.Settings(
+                console="off", x_disable_stats=True, silent=True, init_timeout=60
+            ),
+        )
+    except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+        log.warning("W&B could not start (%s: %s); logging locally only.", type(exc).__name__, exc)
+        return None
+    run.define_metric("step")
+    for pattern in ("train/*", "test/*", "act/*", "perf/*"):
+        run.define_metric(pattern, step_metric="step")
+    run.define_metric("test/acc", step_metric="step", summary="max")
+    return run
+
+
+@contextlib.contextmanager
+def tracking(
+    run_dir: Path, logger_cfg: Mapping[str, Any] | None, config: Mapping[str, Any]
+) -> Iterator[Tracker]:
+    """Open the run's local files and, if `logger_cfg` is given, exactly one W&B run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        wandb_run = start_wandb(logger_cfg, run_dir, config) if logger_cfg else None
+        if wandb_run is not None:
+            stack.enter_context(wandb_run)  # finishes the run, also when training raises
+        tracker = Tracker(run_dir, wandb_run)
+        stack.callback(tracker.close)
+        yield tracker

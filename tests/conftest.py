@@ -1,0 +1,62 @@
+"""Shared fixtures: real MNIST from DATA_DIR, small IDX files, and the entrypoint as a process."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnrepro.data.mnist import RAW_FILES, raw_dir, sha256_of
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The real MNIST (DATA_DIR). Skipped on a developer's machine without it; in CI it must be
+    there, so a missing DATA_DIR fails instead of silently skipping."""
+    root = Path(os.environ.get("DATA_DIR", REPO / "data"))
+    if all((raw_dir(root) / name).is_file() for name in RAW_FILES):
+        return root
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs MNIST in {raw_dir(root)}; set DATA_DIR=../shared/data")
+    pytest.skip(f"real MNIST not found in {raw_dir(root)} (set DATA_DIR)")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write `array` (uint8) in the IDX format of the original MNIST files."""
+    magic = 0x0800 | array.ndim  # 0x08 = unsigned byte
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A 12-train / 5-test MNIST in IDX files, and their sha256 digests."""
+    rng = np.random.default_rng(0)
+    raw = raw_dir(tmp_path)
+    raw.mkdir(parents=True)
+    for split, n in (("train", 12), ("t10k", 5)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    return tmp_path, {name: sha256_of(raw / name) for name in RAW_FILES}
+
+
+def run_train(*overrides: str, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run the real entrypoint in a subprocess, offline W&B, no progress bar."""
+    full_env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"} | (env or {})
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra wants -m before overrides
+    rest = [o for o in overrides if not o.startswith("-")]
+    return subprocess.run(
+        [sys.executable, "-m", "bnrepro.train", *flags, "trainer.progress=false", *rest],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

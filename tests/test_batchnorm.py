@@ -1,0 +1,122 @@
+"""BN as torch computes it, against the paper's formulas written out in NumPy (Section 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bnrepro.models.batchnorm import make_batchnorm1d, recompute_population_stats
+
+EPS = 1e-5
+M, F = 60, 7  # the paper's MNIST batch size; a few features
+
+
+def np_bn_train(x, gamma, beta, eps=EPS):
+    """Algorithm 1: biased batch variance."""
+    mu = x.mean(axis=0)
+    var = ((x - mu) ** 2).mean(axis=0)
+    x_hat = (x - mu) / np.sqrt(var + eps)
+    return gamma * x_hat + beta, mu, var, x_hat
+
+
+def np_bn_backward(dy, x_hat, var, gamma, eps=EPS):
+    """The gradients of Section 3 (through mu_B and var_B), in closed form."""
+    m = dy.shape[0]
+    dgamma = (dy * x_hat).sum(axis=0)
+    dbeta = dy.sum(axis=0)
+    dx = gamma / (m * np.sqrt(var + eps)) * (m * dy - dbeta - x_hat * dgamma)
+    return dx, dgamma, dbeta
+
+
+def random_batches(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Shifted, scaled inputs so that wrong means or variances cannot pass by accident.
+    return [rng.normal(2.0, 3.0, size=(M, F)) * np.arange(1, F + 1) for _ in range(n)]
+
+
+def bn_with_affine(stats: str) -> torch.nn.BatchNorm1d:
+    bn = make_batchnorm1d(F, stats=stats, momentum=0.1, eps=EPS).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2.0, F))
+        bn.bias.copy_(torch.linspace(-1.0, 1.0, F))
+    return bn
+
+
+def test_training_forward_and_backward_match_algorithm_1():
+    bn = bn_with_affine("ema").train()
+    x_np = random_batches(1)[0]
+    dy_np = np.random.default_rng(1).normal(size=(M, F))
+    x = torch.tensor(x_np, requires_grad=True)
+    y = bn(x)
+    y.backward(torch.tensor(dy_np))
+
+    gamma, beta = bn.weight.detach().numpy(), bn.bias.detach().numpy()
+    y_np, _, var, x_hat = np_bn_train(x_np, gamma, beta)
+    dx, dgamma, dbeta = np_bn_backward(dy_np, x_hat, var, gamma)
+    np.testing.assert_allclose(y.detach().numpy(), y_np, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(x.grad.numpy(), dx, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(bn.weight.grad.numpy(), dgamma, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(bn.bias.grad.numpy(), dbeta, rtol=1e-8, atol=1e-10)
+
+
+def expected_running_stats(stats: str, batches: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    means = [b.mean(axis=0) for b in batches]
+    unbiased = [b.var(axis=0, ddof=1) for b in batches]
+    if stats == "ema":
+        mean, var = np.zeros(F), np.ones(F)
+        for mu, v in zip(means, unbiased, strict=True):
+            mean, var = 0.9 * mean + 0.1 * mu, 0.9 * var + 0.1 * v
+        return mean, var
+    # cumulative and population: E[x] = E_B[mu_B], Var[x] = m/(m-1) E_B[var_B] (Algorithm 2)
+    biased = [b.var(axis=0) for b in batches]
+    return np.mean(means, axis=0), M / (M - 1) * np.mean(biased, axis=0)
+
+
+def np_bn_inference(x, mean, var, gamma, beta, eps=EPS):
+    """Algorithm 2, step 11: BN folded into one affine map."""
+    scale = gamma / np.sqrt(var + eps)
+    return scale * x + (beta - scale * mean)
+
+
+@pytest.mark.parametrize("stats", ["ema", "cumulative", "population"])
+def test_inference_statistics_match_numpy(stats):
+    batches = random_batches(12)
+    bn = bn_with_affine(stats)
+    model = torch.nn.Sequential(bn)
+    if stats == "population":
+        # Train on other data first: the recompute must forget it entirely.
+        model.train()
+        for b in random_batches(5, seed=99):
+            model(torch.tensor(b) * 10)
+        tensors = iter([(torch.tensor(b), torch.zeros(M)) for b in batches])
+        recompute_population_stats(model, tensors, num_batches=len(batches))
+    else:
+        model.train()
+        for b in batches:
+            model(torch.tensor(b))
+    mean, var = expected_running_stats(stats, batches)
+    np.testing.assert_allclose(bn.running_mean.numpy(), mean, rtol=1e-10)
+    np.testing.assert_allclose(bn.running_var.numpy(), var, rtol=1e-10)
+
+    model.eval()
+    x_test = random_batches(1, seed=7)[0]
+    gamma, beta = bn.weight.detach().numpy(), bn.bias.detach().numpy()
+    with torch.no_grad():
+        y = model(torch.tensor(x_test)).numpy()
+    np.testing.assert_allclose(y, np_bn_inference(x_test, mean, var, gamma, beta), rtol=1e-9)
+
+
+def test_population_recompute_restores_mode_and_momentum():
+    bn = make_batchnorm1d(F, stats="ema", momentum=0.1, eps=EPS).double()
+    model = torch.nn.Sequential(bn).eval()
+    batches = iter([(torch.tensor(b), None) for b in random_batches(3)])
+    recompute_population_stats(model, batches, num_batches=3)
+    assert not model.training
+    assert bn.momentum == 0.1
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_unknown_stats_mode_is_rejected():
+    with pytest.raises(ValueError, match="stats"):
+        make_batchnorm1d(F, stats="foo", momentum=0.1, eps=EPS)

@@ -1,0 +1,80 @@
+"""The MNIST loader on small IDX files made here, on broken ones, and on the real files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bnrepro.data.batches import shuffled_batches
+from bnrepro.data.mnist import load_mnist, raw_dir
+from bnrepro.errors import DataError
+
+SHARED_SHA256 = {  # ../shared/data/README.md
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+def test_loads_small_idx_files(tiny_mnist):
+    root, sha = tiny_mnist
+    data = load_mnist(root, download=False, sha256=sha)
+    assert data.train_x.shape == (12, 784) and data.test_x.shape == (5, 784)
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    assert data.train_x.min() >= 0.0 and data.train_x.max() <= 1.0
+    raw = np.frombuffer((raw_dir(root) / "train-images-idx3-ubyte").read_bytes()[16:], np.uint8)
+    np.testing.assert_allclose(data.train_x.numpy().ravel(), raw / 255.0, rtol=1e-6)
+
+
+def test_corrupt_file_is_named_with_expected_checksum(tiny_mnist):
+    root, sha = tiny_mnist
+    path = raw_dir(root) / "t10k-images-idx3-ubyte"
+    blob = bytearray(path.read_bytes())
+    blob[100] ^= 0xFF  # one flipped byte in one image
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DataError) as err:
+        load_mnist(root, download=False, sha256=sha)
+    message = str(err.value)
+    assert "t10k-images-idx3-ubyte" in message and sha["t10k-images-idx3-ubyte"] in message
+    assert "\n" not in message
+
+
+def test_truncated_file_without_checksums_is_a_clear_error(tiny_mnist):
+    root, _ = tiny_mnist
+    path = raw_dir(root) / "train-labels-idx1-ubyte"
+    path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(DataError, match="could not read MNIST"):
+        load_mnist(root, download=False, sha256=None)
+
+
+def test_missing_files_name_the_directory_and_data_dir(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, download=False)
+    assert str(raw_dir(tmp_path)) in str(err.value) and "DATA_DIR" in str(err.value)
+
+
+def test_failed_download_is_one_clear_line(tmp_path, monkeypatch):
+    # Point torchvision at an address that refuses at once, so the test needs no network.
+    from torchvision.datasets import MNIST
+
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, download=True)
+    assert "download failed" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_real_mnist_matches_published_checksums(mnist_root):
+    data = load_mnist(mnist_root, download=False, sha256=SHARED_SHA256)
+    assert data.train_x.shape == (60000, 784) and data.test_x.shape == (10000, 784)
+    assert torch.bincount(data.test_y).tolist()[:3] == [980, 1135, 1032]
+
+
+def test_batches_cover_each_epoch_once_and_drop_the_remainder():
+    x = torch.arange(130).float().unsqueeze(1)
+    batches = shuffled_batches(x, torch.arange(130), 60, torch.Generator().manual_seed(0))
+    epoch = [next(batches) for _ in range(2)]
+    seen = torch.cat([bx.squeeze(1) for bx, _ in epoch])
+    assert len(seen) == 120 and len(set(seen.tolist())) == 120
+    assert all(torch.equal(bx.squeeze(1).long(), by) for bx, by in epoch)
+    again = shuffled_batches(x, torch.arange(130), 60, torch.Generator().manual_seed(0))
+    assert torch.equal(next(again)[0], epoch[0][0])  # same seed, same order
