@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 # Figure 1 sweep: both arms x SEEDS, 50,000 steps each (Section 4.1), JOBS in parallel.
-SEEDS ?= 1,2,3
+SEEDS ?= 1,2,3,4,5
 JOBS ?= 2
 SWEEP_DIR ?= logs/reproduce-mnist
 MNIST_RESULTS := results/mnist

@@ -24,6 +24,7 @@ from bnrepro.runs import RunRecord, find_runs
 ARMS = {"baseline": "Without BN", "bn": "With BN"}
 COLORS = {"baseline": "tab:blue", "bn": "tab:red"}
 COMMAND = "make reproduce-mnist"
+DRIFT_KEYS = ("p50_drift", "spread_drift", "p50_range", "spread_range")
 
 
 def last_hidden_layer(run: RunRecord) -> str:
@@ -40,10 +41,17 @@ def trace(run: RunRecord, layer: str, key: str) -> np.ndarray:
 
 
 def drift(run: RunRecord, layer: str) -> dict[str, float]:
-    """How far the median and the 15-85 spread moved between the first and last evaluation."""
+    """How far the median and the 15-85 spread moved: first to last evaluation ("drift"),
+    and the whole range they covered during training ("range", which also counts a
+    wander that came back)."""
     p15, p50, p85 = (trace(run, layer, k) for k in ("p15", "p50", "p85"))
     spread = p85 - p15
-    return {"p50": float(abs(p50[-1] - p50[0])), "spread": float(abs(spread[-1] - spread[0]))}
+    return {
+        "p50_drift": float(abs(p50[-1] - p50[0])),
+        "spread_drift": float(abs(spread[-1] - spread[0])),
+        "p50_range": float(p50.max() - p50.min()),
+        "spread_range": float(spread.max() - spread.min()),
+    }
 
 
 def arm_statistics(runs: list[RunRecord], layer: str) -> dict:
@@ -54,8 +62,7 @@ def arm_statistics(runs: list[RunRecord], layer: str) -> dict:
         "status": {str(r.seed): r.summary["status"] for r in runs},
         "final_test_acc": mean_std([r.summary["final_test_acc"] for r in completed]),
         "best_test_acc": mean_std([r.summary["best_test_acc"] for r in completed]),
-        "p50_drift": mean_std([d["p50"] for d in drifts]),
-        "spread_drift": mean_std([d["spread"] for d in drifts]),
+        **{key: mean_std([d[key] for d in drifts]) for key in DRIFT_KEYS},
     }
 
 
@@ -116,12 +123,13 @@ def build(runs: list[RunRecord], out: Path) -> dict:
     axes[0].set_title("(a) Test accuracy, mean and min-max over seeds")
     axes[0].set_ylim(90, 100)
     axes[0].legend(loc="lower right")
-    axes[2].legend(fontsize=8, loc="lower right")
-    # Same scale for (b) and (c), so that drift reads the same in both panels.
+    # Same scale for (b) and (c), so that drift reads the same in both panels; headroom on
+    # top keeps the legend off the traces.
     low = min(axes[1].get_ylim()[0], axes[2].get_ylim()[0])
     high = max(axes[1].get_ylim()[1], axes[2].get_ylim()[1])
     for ax in axes[1:]:
-        ax.set_ylim(low, high)
+        ax.set_ylim(low, high + 0.25 * (high - low))
+        ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
     out.mkdir(parents=True, exist_ok=True)
     save(fig, out / "figure1.png")
 
@@ -131,7 +139,44 @@ def build(runs: list[RunRecord], out: Path) -> dict:
         bn["steps"], np.array(bn["test_acc_mean"]), baseline_final
     )
     (out / "figure1.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "README.md").write_text(results_table(result))
     return result
+
+
+def results_table(result: dict) -> str:
+    """results/mnist/README.md: the numbers of figure1.json and the command that made them."""
+    rows = []
+    for arm, title in ARMS.items():
+        s = result["arms"][arm]
+        acc, best = s["final_test_acc"], s["best_test_acc"]
+        rows.append(
+            f"| {title} | {acc['n']} | {acc['mean']:.2f} ± {acc['std']:.2f} | "
+            f"{best['mean']:.2f} ± {best['std']:.2f} | "
+            + " | ".join(f"{s[key]['mean']:.2f} ± {s[key]['std']:.2f}" for key in DRIFT_KEYS)
+            + " |"
+        )
+    return "\n".join(
+        [
+            "# MNIST, Figure 1",
+            "",
+            "![Figure 1](figure1.png)",
+            "",
+            f"Made by `{result['command']}` (runs in `runs/`, plotted numbers in `figure1.json`;",
+            "`make figures` rebuilds both from `runs/`). Accuracy in %, mean ± std over seeds;",
+            f"drift = |last - first evaluation| of the {result['layer']} unit's input median (p50)",
+            "and 15-85 spread (p85 - p15); range = max - min over all evaluations; mean ± std",
+            "over seeds. The first evaluation is at step 0 (initialisation).",
+            "",
+            "| network | seeds | final test acc | best test acc | p50 drift | spread drift "
+            "| p50 range | spread range |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"BN reaches the baseline's mean final accuracy at step "
+            f"{result['bn_steps_to_baseline_final_acc']} (of 50,000).",
+            "",
+        ]
+    )
 
 
 def main() -> int:
@@ -145,11 +190,9 @@ def main() -> int:
         return 2
     result = build(runs, args.out)
     for arm, stats in result["arms"].items():
-        acc, p50, spread = stats["final_test_acc"], stats["p50_drift"], stats["spread_drift"]
-        print(
-            f"{arm:9s} final test acc {acc['mean']:.2f} ± {acc['std']:.2f} % (n={acc['n']}), "
-            f"p50 drift {p50['mean']:.2f}, spread drift {spread['mean']:.2f}"
-        )
+        acc = stats["final_test_acc"]
+        drifts = ", ".join(f"{key} {stats[key]['mean']:.2f}" for key in DRIFT_KEYS)
+        print(f"{arm:9s} final test acc {acc['mean']:.2f} ± {acc['std']:.2f} %, {drifts}")
     print(
         f"BN reaches the baseline's final accuracy at step "
         f"{result['bn_steps_to_baseline_final_acc']}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnrepro.models.batchnorm import make_batchnorm1d, recompute_population_stats
+from bnrepro.models.batchnorm import make_batchnorm, recompute_population_stats
 
 EPS = 1e-5
 M, F = 60, 7  # the paper's MNIST batch size; a few features
@@ -36,7 +36,7 @@ def random_batches(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def bn_with_affine(stats: str) -> torch.nn.BatchNorm1d:
-    bn = make_batchnorm1d(F, stats=stats, momentum=0.1, eps=EPS).double()
+    bn = make_batchnorm(F, stats=stats, momentum=0.1, eps=EPS).double()
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 2.0, F))
         bn.bias.copy_(torch.linspace(-1.0, 1.0, F))
@@ -108,7 +108,7 @@ def test_inference_statistics_match_numpy(stats):
 
 
 def test_population_recompute_restores_mode_and_momentum():
-    bn = make_batchnorm1d(F, stats="ema", momentum=0.1, eps=EPS).double()
+    bn = make_batchnorm(F, stats="ema", momentum=0.1, eps=EPS).double()
     model = torch.nn.Sequential(bn).eval()
     batches = iter([(torch.tensor(b), None) for b in random_batches(3)])
     recompute_population_stats(model, batches, num_batches=3)
@@ -119,4 +119,25 @@ def test_population_recompute_restores_mode_and_momentum():
 
 def test_unknown_stats_mode_is_rejected():
     with pytest.raises(ValueError, match="stats"):
-        make_batchnorm1d(F, stats="foo", momentum=0.1, eps=EPS)
+        make_batchnorm(F, stats="foo", momentum=0.1, eps=EPS)
+
+
+def test_conv_bn_normalises_each_feature_map_over_batch_and_positions():
+    """Section 3.2: one (gamma, beta) per map, statistics over m * p * q values; Algorithm 2's
+    correction then uses that effective batch size."""
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(1.0, 2.0, size=(8, 3, 5, 4)) for _ in range(4)]
+    bn = make_batchnorm(3, stats="population", momentum=0.1, eps=EPS, dims=2).double()
+    assert bn.weight.shape == (3,)
+    x = torch.tensor(batches[0])
+    y = bn.train()(x).detach().numpy()
+    mu = batches[0].mean(axis=(0, 2, 3), keepdims=True)
+    var = batches[0].var(axis=(0, 2, 3), keepdims=True)
+    np.testing.assert_allclose(y, (batches[0] - mu) / np.sqrt(var + EPS), rtol=1e-9, atol=1e-12)
+
+    recompute_population_stats(
+        torch.nn.Sequential(bn), iter([(torch.tensor(b), None) for b in batches]), num_batches=4
+    )
+    n = 8 * 5 * 4
+    want_var = n / (n - 1) * np.mean([b.var(axis=(0, 2, 3)) for b in batches], axis=0)
+    np.testing.assert_allclose(bn.running_var.numpy(), want_var, rtol=1e-10)

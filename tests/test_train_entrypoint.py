@@ -162,3 +162,21 @@ def test_figure1_script_builds_from_run_logs(figure1_runs, tmp_path):
         assert stats["p50_drift"]["mean"] >= 0 and stats["spread_drift"]["mean"] >= 0
         assert len(result["plotted"][arm]["steps"]) == 5  # steps 0, 500, ..., 2000
     assert result["bn_steps_to_baseline_final_acc"] <= 2000
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "online", "HOME": str(tmp_path), "WANDB_API_KEY": ""}
+    proc = run_train(
+        "experiment=mnist/bn",
+        "debug=default",
+        f"paths.data_dir={mnist_root}",
+        f"hydra.run.dir={run_dir}",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "W&B" in line]
+    assert len(warnings) == 1 and "logging offline instead" in warnings[0]
+    assert len(offline_runs(run_dir)) == 1
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 100, 200, 300]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

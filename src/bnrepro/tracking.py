@@ -78,28 +78,45 @@ class Tracker:
             self._wandb = None
 
 
-def start_wandb(logger_cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any]) -> Any:
-    """Start one W&B run for this job, or return None (with one warning) if W&B fails."""
-    try:
-        import wandb
+def _init_wandb(logger_cfg: Mapping[str, Any], mode: str, run_dir: Path, config: Mapping) -> Any:
+    import wandb
 
-        run = wandb.init(
-            project=logger_cfg["project"],
-            entity=logger_cfg.get("entity"),
-            group=logger_cfg.get("group"),
-            name=logger_cfg.get("name"),
-            tags=list(logger_cfg.get("tags") or []),
-            mode=logger_cfg.get("mode", "offline"),
-            dir=str(run_dir),
-            config=dict(config),
-            # Multiruns of the basic launcher share one process: each job needs its own run.
-            reinit="create_new",
-            settings=wandb.Settings(
-                console="off", x_disable_stats=True, silent=True, init_timeout=60
-            ),
-        )
-    except Exception as exc:  # noqa: BLE001 - W&B must never stop training
-        log.warning("W&B could not start (%s: %s); logging locally only.", type(exc).__name__, exc)
+    return wandb.init(
+        project=logger_cfg["project"],
+        entity=logger_cfg.get("entity"),
+        group=logger_cfg.get("group"),
+        name=logger_cfg.get("name"),
+        tags=list(logger_cfg.get("tags") or []),
+        mode=mode,
+        dir=str(run_dir),
+        config=dict(config),
+        # Multiruns of the basic launcher share one process: each job needs its own run.
+        reinit="create_new",
+        settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=60),
+    )
+
+
+def start_wandb(logger_cfg: Mapping[str, Any], run_dir: Path, config: Mapping[str, Any]) -> Any:
+    """Start this job's one W&B run; if online fails, offline; if that fails too, None.
+
+    Each fallback prints one warning: W&B trouble never stops training.
+    """
+    mode = logger_cfg.get("mode") or "offline"
+    run = None
+    for attempt in dict.fromkeys([mode, "offline"]):
+        try:
+            run = _init_wandb(logger_cfg, attempt, run_dir, config)
+            break
+        except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+            fallback = "logging offline instead" if attempt != "offline" else "local logs only"
+            log.warning(
+                "W&B %s run could not start (%s: %s); %s.",
+                attempt,
+                type(exc).__name__,
+                exc,
+                fallback,
+            )
+    if run is None:
         return None
     run.define_metric("step")
     for pattern in ("train/*", "test/*", "act/*", "perf/*"):

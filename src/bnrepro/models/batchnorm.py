@@ -19,13 +19,20 @@ from torch.optim.swa_utils import update_bn
 STATS_MODES = ("ema", "cumulative", "population")
 
 
-def make_batchnorm1d(num_features: int, stats: str, momentum: float, eps: float) -> nn.BatchNorm1d:
-    """A BatchNorm1d whose running statistics follow `stats` (one of STATS_MODES)."""
+def make_batchnorm(
+    num_features: int, stats: str, momentum: float, eps: float, dims: int = 1
+) -> nn.BatchNorm1d | nn.BatchNorm2d:
+    """A BatchNorm layer whose running statistics follow `stats` (one of STATS_MODES).
+
+    dims=1 normalises each feature of (N, C) inputs; dims=2 each feature map of (N, C, H, W)
+    inputs over the batch and all positions (Section 3.2).
+    """
     if stats not in STATS_MODES:
         raise ValueError(f"bn stats must be one of {STATS_MODES}, got {stats!r}")
+    layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
     # Population mode recomputes before every evaluation; a cumulative average in between
     # costs nothing and keeps the buffers meaningful if someone evaluates without recomputing.
-    return nn.BatchNorm1d(num_features, eps=eps, momentum=momentum if stats == "ema" else None)
+    return layer(num_features, eps=eps, momentum=momentum if stats == "ema" else None)
 
 
 def recompute_population_stats(

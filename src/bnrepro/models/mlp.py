@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import make_batchnorm1d
+from bnrepro.models.batchnorm import make_batchnorm
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 NORMS = ("none", "bn")
@@ -44,7 +44,7 @@ class MLP(nn.Module):
             if norm == "bn":
                 block.add_module(
                     "bn",
-                    make_batchnorm1d(
+                    make_batchnorm(
                         out,
                         stats=bn.get("stats", "ema"),
                         momentum=bn.get("momentum", 0.1),
