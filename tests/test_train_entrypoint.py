@@ -159,7 +159,9 @@ def test_figure1_script_builds_from_run_logs(figure1_runs, tmp_path):
     for arm in ("baseline", "bn"):
         stats = result["arms"][arm]
         assert stats["final_test_acc"]["n"] == 2
-        assert stats["p50_drift"]["mean"] >= 0 and stats["spread_drift"]["mean"] >= 0
+        for key in ("p50_drift", "spread_drift", "p50_range", "spread_range"):
+            assert stats[key]["mean"] >= 0
+        assert stats["p50_range"]["mean"] >= stats["p50_drift"]["mean"]
         assert len(result["plotted"][arm]["steps"]) == 5  # steps 0, 500, ..., 2000
     assert result["bn_steps_to_baseline_final_acc"] <= 2000
 
