@@ -51,12 +51,14 @@ def save(fig: plt.Figure, path) -> None:
     plt.close(fig)
 
 
-def plot_run(history: Sequence[Mapping[str, float]], layer: str, title: str, path) -> None:
-    """A run's own figure: test accuracy and its `layer` percentile traces."""
+def plot_run(
+    history: Sequence[Mapping[str, float]], monitor: str, layer: str, title: str, path
+) -> None:
+    """A run's own figure: its accuracy (`monitor`) and its `layer` percentile traces."""
     steps = [r["step"] for r in history]
     fig, (acc_ax, act_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-    plot_accuracy_band(acc_ax, steps, np.array([[r["test/acc"] for r in history]]), title)
-    acc_ax.set_title(f"{title}: test accuracy")
+    plot_accuracy_band(acc_ax, steps, np.array([[r[monitor] for r in history]]), title)
+    acc_ax.set_title(f"{title}: {monitor}")
     traces = {k: [r[f"act/{layer}/{k}"] for r in history] for k in PERCENTILE_STYLES}
     plot_percentiles(act_ax, steps, traces, f"{title}: {layer} unit input percentiles")
     act_ax.legend(fontsize=8)

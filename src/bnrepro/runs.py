@@ -1,11 +1,35 @@
-"""Reading run directories back: what the figure scripts build from."""
+"""Run summaries: made at the end of a run, read back by the figure scripts."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from bnrepro.engine import LoopResult
+
+
+def summarize(cfg: DictConfig, monitor: str, result: LoopResult, seconds: float) -> dict[str, Any]:
+    """summary.json: status, steps, final and best accuracy (`monitor`), wall time, names."""
+    key = monitor.replace("/", "_")  # test/acc -> final_test_acc, best_test_acc
+    accs = [r[monitor] for r in result.history]
+    best = max(range(len(accs)), key=accs.__getitem__) if accs else None
+    return {
+        "status": result.status,
+        "steps": result.steps,
+        "diverged_at_step": result.diverged_at_step,
+        f"final_{key}": accs[-1] if accs else None,
+        f"best_{key}": accs[best] if best is not None else None,
+        "best_step": result.history[best]["step"] if best is not None else None,
+        "wall_seconds": round(seconds, 3),
+        "experiment": cfg.experiment_name,
+        "arm": cfg.arm,
+        "seed": cfg.seed,
+    }
 
 
 @dataclass

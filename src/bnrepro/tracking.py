@@ -78,6 +78,25 @@ class Tracker:
             self._wandb = None
 
 
+class NullTracker(Tracker):
+    """What ranks other than 0 log to: nothing (one set of files and one W&B run per job)."""
+
+    def __init__(self) -> None:
+        self._wandb = None
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        pass
+
+    def log_image(self, key: str, path: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _init_wandb(logger_cfg: Mapping[str, Any], mode: str, run_dir: Path, config: Mapping) -> Any:
     import wandb
 
@@ -127,9 +146,18 @@ def start_wandb(logger_cfg: Mapping[str, Any], run_dir: Path, config: Mapping[st
 
 @contextlib.contextmanager
 def tracking(
-    run_dir: Path, logger_cfg: Mapping[str, Any] | None, config: Mapping[str, Any]
+    run_dir: Path,
+    logger_cfg: Mapping[str, Any] | None,
+    config: Mapping[str, Any],
+    enabled: bool = True,
 ) -> Iterator[Tracker]:
-    """Open the run's local files and, if `logger_cfg` is given, exactly one W&B run."""
+    """Open the run's local files and, if `logger_cfg` is given, exactly one W&B run.
+
+    With enabled=False (distributed ranks other than 0) nothing is written anywhere.
+    """
+    if not enabled:
+        yield NullTracker()
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         wandb_run = start_wandb(logger_cfg, run_dir, config) if logger_cfg else None

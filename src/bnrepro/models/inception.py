@@ -1,0 +1,283 @@
+"""BN-Inception: the ImageNet network of Section 4.2 ("Inception v2"), per the appendix table.
+
+The layout follows the paper's appendix (Figure 5): a stem (conv 7x7/2, max pool, conv 1x1,
+conv 3x3, max pool), ten Inception modules 3a..5b, global average pooling and a linear
+classifier. Relative to the original GoogLeNet (Section 4.2): the 5x5 convolutions are
+replaced by two stacked 3x3 convolutions, 3c and 4e reduce the resolution themselves (stride-2
+3x3 convolutions alongside a pass-through max pool), pooling inside the modules is average or
+max as the table says, and with BN every convolution is followed by BN before its nonlinearity.
+
+Choices the paper leaves open, or gets wrong:
+
+- The pool-projection width of 4c and 4d (`proj_4cd`). The table prints "avg + 128" for both,
+  but also prints 576 output channels; 160+160+160+128 = 608 for 4c and 96+192+192+128 = 608
+  for 4d, so the two columns contradict each other. The default 96 reproduces the printed
+  576 output sizes (and is what TF-slim's inception_v2 uses); 128 is what the Caffe port of
+  BN-Inception uses, giving 608 at 4c and 4d and, since 4e passes its input through, 1056
+  channels out of 4e and into 5a. Every width is computed from the branch widths, never
+  hard-coded, so either choice yields a consistent network.
+- The first convolution. The paper's is separable (depth multiplier 8); implementations
+  (Caffe port, torchvision-style code) usually use a plain 7x7/2 convolution, as we do.
+- Padding. Every stride-2 pool and convolution is padded so that a side of H becomes
+  ceil(H / 2), which gives the table's 112, 56, 28, 14, 7 for 224x224 inputs and keeps the
+  branches of the stride-2 modules the same size for any input (odd sides included). With
+  global average pooling instead of the table's 7x7 one, reduced inputs (down to 32x32 and
+  below) run as well.
+- Average pooling inside the modules ignores the zero padding at the borders
+  (`count_include_pad=False`, as TF's 'SAME' pooling does).
+- Size. The paper states 13.6 M parameters, but the table's widths give only 10.15 M conv
+  weights; with BN and a 1000-way classifier we count 11.19 M (proj_4cd=96) or 11.29 M (128),
+  about 17-18 % below. No auxiliary classifiers are built (the table lists none).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnrepro.models.batchnorm import make_batchnorm
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+NORMS = ("none", "bn")
+
+# The appendix table, one row per Inception module: #1x1, #3x3 reduce, #3x3, double #3x3
+# reduce, double #3x3, pool type, pool projection (0 = pass through), stride. 4c and 4d's
+# projection (None here) is the `proj_4cd` argument (see the module docstring).
+INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, str, int | None, int]] = {
+    "3a": (64, 64, 64, 64, 96, "avg", 32, 1),
+    "3b": (64, 64, 96, 64, 96, "avg", 64, 1),
+    "3c": (0, 128, 160, 64, 96, "max", 0, 2),
+    "4a": (224, 64, 96, 96, 128, "avg", 128, 1),
+    "4b": (192, 96, 128, 96, 128, "avg", 128, 1),
+    "4c": (160, 128, 160, 128, 160, "avg", None, 1),
+    "4d": (96, 128, 192, 160, 192, "avg", None, 1),
+    "4e": (0, 128, 192, 192, 256, "max", 0, 2),
+    "5a": (352, 192, 320, 160, 224, "avg", 128, 1),
+    "5b": (352, 192, 320, 192, 224, "max", 128, 1),
+}
+
+
+def _max_pool_3x3_s2() -> nn.MaxPool2d:
+    """Max pool 3x3/2 whose output side is ceil(H / 2), like a padded stride-2 3x3 conv.
+
+    Padding 1 (the padding is -inf, so it never wins the max) rather than ceil_mode: the
+    sizes agree with the stride-2 convolutions for every H, and an input smaller than the
+    window cannot make the output empty.
+    """
+    return nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+
+class ConvUnit(nn.Sequential):
+    """Conv -> [BN] -> activation, the building block of the whole network.
+
+    With BN the convolution has no bias, BN's beta replaces it, and BN sits right before the
+    nonlinearity, normalising each feature map over the batch and all positions (Section 3.2).
+    The activation is its own module (`act`) so that probes can hook its input.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        *,
+        norm: str,
+        activation: str,
+        bn: dict,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            bias=norm == "none",
+        )
+        if norm == "bn":
+            self.bn = make_batchnorm(
+                out_channels,
+                stats=bn.get("stats", "ema"),
+                momentum=bn.get("momentum", 0.1),
+                eps=bn.get("eps", 1e-5),
+                dims=2,
+            )
+        self.act = ACTIVATIONS[activation]()
+        self.out_channels = out_channels
+
+
+class InceptionModule(nn.Module):
+    """One row of the appendix table: up to four parallel branches concatenated on channels.
+
+    Branches: 1x1; 3x3 reduce -> 3x3; double 3x3 reduce -> 3x3 -> 3x3 (which replaces the
+    original Inception's 5x5); pool -> 1x1 projection. A stride-2 module (3c, 4e) has no 1x1
+    branch, its 3x3 and the second 3x3 of the double branch have stride 2, and its pool branch
+    is a 3x3/2 max pool passed through without projection.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n1x1: int,
+        n3x3_reduce: int,
+        n3x3: int,
+        n_double_reduce: int,
+        n_double: int,
+        pool: str,
+        proj: int,
+        stride: int = 1,
+        *,
+        norm: str,
+        activation: str,
+        bn: dict,
+    ) -> None:
+        super().__init__()
+        if stride == 2 and (n1x1 or proj):
+            raise ValueError("stride-2 modules have no 1x1 branch and pass the pool through")
+        unit = {"norm": norm, "activation": activation, "bn": bn}
+        self.branch1x1 = ConvUnit(in_channels, n1x1, 1, **unit) if n1x1 else None
+        self.branch3x3 = nn.Sequential()
+        self.branch3x3.add_module("reduce", ConvUnit(in_channels, n3x3_reduce, 1, **unit))
+        self.branch3x3.add_module("conv", ConvUnit(n3x3_reduce, n3x3, 3, stride, **unit))
+        self.branch_double = nn.Sequential()
+        self.branch_double.add_module("reduce", ConvUnit(in_channels, n_double_reduce, 1, **unit))
+        self.branch_double.add_module("conv_a", ConvUnit(n_double_reduce, n_double, 3, **unit))
+        self.branch_double.add_module("conv_b", ConvUnit(n_double, n_double, 3, stride, **unit))
+        self.branch_pool = nn.Sequential()
+        if stride == 2:
+            self.branch_pool.add_module("pool", _max_pool_3x3_s2())
+        elif pool == "max":
+            self.branch_pool.add_module("pool", nn.MaxPool2d(3, stride=1, padding=1))
+        elif pool == "avg":
+            self.branch_pool.add_module(
+                "pool", nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+            )
+        else:
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if proj:
+            self.branch_pool.add_module("proj", ConvUnit(in_channels, proj, 1, **unit))
+        self.out_channels = n1x1 + n3x3 + n_double + (proj or in_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        branches = [self.branch3x3(x), self.branch_double(x), self.branch_pool(x)]
+        if self.branch1x1 is not None:
+            branches.insert(0, self.branch1x1(x))
+        return torch.cat(branches, dim=1)
+
+
+class BNInception(nn.Module):
+    """BN-Inception of Section 4.2 and the appendix: stem, Inception 3a..5b, avg pool, linear.
+
+    `norm="bn"` puts BN before every nonlinearity (Section 3.2); `norm="none"` is the plain
+    Inception baseline with conv biases. `activation="sigmoid"` gives BN-x5-Sigmoid
+    (Section 4.2.2). `lrn` and `dropout` restore what Section 4.2.1 removes from the original
+    Inception: local response normalisation after the first pool and after the stem's 3x3
+    conv, and dropout (40 % originally) before the classifier. `bn` carries the BN layers'
+    `stats` ("ema" | "cumulative" | "population"), `momentum` and `eps`.
+
+    Stages are kept in `self.stages` under the table's names (conv1, pool1, conv2_reduce,
+    conv2, pool2, 3a .. 5b), so `stage_outputs` can report each one.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        norm: str = "bn",
+        activation: str = "relu",
+        dropout: float = 0.0,
+        lrn: bool = False,
+        proj_4cd: int = 96,
+        bn: dict | None = None,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if proj_4cd <= 0:
+            raise ValueError(f"proj_4cd must be positive, got {proj_4cd}")
+        self.activation = activation
+        unit = {"norm": norm, "activation": activation, "bn": dict(bn or {})}
+
+        self.stages = nn.ModuleDict()
+        # The paper's first convolution is separable (depth multiplier 8); implementations
+        # usually use a plain 7x7/2 convolution, and so do we.
+        self.stages["conv1"] = ConvUnit(in_channels, 64, 7, stride=2, **unit)
+        self.stages["pool1"] = nn.Sequential()
+        self.stages["pool1"].add_module("pool", _max_pool_3x3_s2())
+        self.stages["conv2_reduce"] = ConvUnit(64, 64, 1, **unit)
+        self.stages["conv2"] = ConvUnit(64, 192, 3, **unit)
+        self.stages["pool2"] = nn.Sequential()
+        if lrn:
+            # The original GoogLeNet's LRN; Section 4.2.1 removes it from the BN networks.
+            self.stages["pool1"].add_module("lrn", _lrn())
+            self.stages["pool2"].add_module("lrn", _lrn())
+        self.stages["pool2"].add_module("pool", _max_pool_3x3_s2())
+
+        width = 192
+        for name, row in INCEPTION_TABLE.items():
+            n1x1, n3r, n3, ndr, nd, pool, proj, stride = row
+            proj = proj_4cd if proj is None else proj
+            module = InceptionModule(width, n1x1, n3r, n3, ndr, nd, pool, proj, stride, **unit)
+            self.stages[name] = module
+            width = module.out_channels
+
+        self.pool = nn.AdaptiveAvgPool2d(1)  # the table's 7x7 avg pool, for any input size
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(width, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal convolutions (fan_out, gain of the activation), a small-normal classifier.
+
+        Convolutions: `kaiming_normal_(mode="fan_out")` with the gain of the chosen
+        nonlinearity (sqrt 2 for ReLU, 1 for sigmoid), which keeps the un-normalised baseline
+        trainable; with BN the scale is irrelevant to the forward pass. Classifier: N(0, 0.01),
+        as torchvision's GoogLeNet. Biases 0; BN gamma 1, beta 0 (Section 3: the identity
+        transform is representable from the start).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity=self.activation)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.01)
+                nn.init.zeros_(module.bias)
+
+    def nonlinearities(self) -> dict[str, nn.Module]:
+        """Five activation modules spanning the depth, by stage name.
+
+        conv1 and conv2 (the stem's 7x7 and 3x3 convolutions); for 3c, 4e and 5b the activation
+        of the module's 3x3-reduce convolution (the first conv of its 3x3 branch).
+        """
+        acts = {"conv1": self.stages["conv1"].act, "conv2": self.stages["conv2"].act}
+        for name in ("3c", "4e", "5b"):
+            acts[name] = self.stages[name].branch3x3.reduce.act
+        return acts
+
+    def stage_outputs(self, x: Tensor) -> dict[str, Tensor]:
+        """The output of every stage, in order, keyed by the table's stage names."""
+        outputs = {}
+        for name, stage in self.stages.items():
+            x = stage(x)
+            outputs[name] = x
+        return outputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages.values():
+            x = stage(x)
+        x = torch.flatten(self.pool(x), 1)
+        return self.classifier(self.dropout(x))
+
+
+def _lrn() -> nn.LocalResponseNorm:
+    """GoogLeNet's local response normalisation (AlexNet's constants, 5 channels)."""
+    return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=1.0)

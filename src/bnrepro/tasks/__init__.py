@@ -1,0 +1,42 @@
+"""A task is what the loop trains on: batches in, evaluation records out.
+
+`build_task` picks the dataset's task from `data.name`; the loop in `engine.py` never needs
+to know whether it trains the MNIST MLP or BN-Inception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from bnrepro.distributed import DistEnv
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Task:
+    train_batches: Batches
+    # Batches for Algorithm 2's population statistics, drawn separately so the training
+    # order of a seed does not depend on the statistics mode. None when not needed.
+    population_batches: Batches | None
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    probe_x: torch.Tensor  # fixed inputs for the activation-percentile traces
+    monitor: str  # the accuracy key the summary reports, e.g. "test/acc" or "val/top1"
+
+
+def build_task(cfg: DictConfig, env: DistEnv) -> Task:
+    """The task of `cfg.data.name`; data problems raise DataError before any training."""
+    if cfg.data.name == "mnist":
+        from bnrepro.tasks.mnist import build_mnist_task
+
+        return build_mnist_task(cfg, env)
+    if cfg.data.name == "imagenet":
+        from bnrepro.tasks.imagenet import build_imagenet_task
+
+        return build_imagenet_task(cfg, env)
+    raise ValueError(f"unknown data.name {cfg.data.name!r}")

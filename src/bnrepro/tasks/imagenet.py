@@ -1,0 +1,88 @@
+"""ImageNet (Section 4.2): ImageFolder data through DataLoaders, sharded across replicas."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bnrepro.data.imagenet import build_imagenet, build_loaders, topk_correct
+from bnrepro.distributed import DistEnv, sum_across_ranks
+from bnrepro.tasks import Batches, Task
+
+POPULATION_SEED_OFFSET = 1_000_003
+
+
+def on_device(loader: DataLoader, device: torch.device, channels_last: bool) -> Batches:
+    """One pass over `loader`, each batch moved to `device` (NHWC when channels_last)."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for x, y in loader:
+        yield (
+            x.to(device, non_blocking=True, memory_format=memory_format),
+            y.to(device, non_blocking=True),
+        )
+
+
+def epochs(
+    loader: DataLoader,
+    sampler: DistributedSampler | None,
+    device: torch.device,
+    channels_last: bool,
+) -> Batches:
+    """Endless batches, epoch after epoch."""
+    epoch = 0
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)  # else every epoch repeats the first one's order
+        yield from on_device(loader, device, channels_last)
+        epoch += 1
+
+
+def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
+    d, t = cfg.data, cfg.trainer
+    train_set, val_set = build_imagenet(d.root, image_size=d.image_size, photometric=d.photometric)
+    common = dict(
+        batch_size=d.batch_size,
+        workers=d.workers,
+        world_size=env.world_size,
+        rank=env.rank,
+        pin_memory=env.device.type == "cuda",
+    )
+    train_loader, val_loader, sampler = build_loaders(train_set, val_set, seed=cfg.seed, **common)
+    channels_last = t.channels_last and env.device.type == "cuda"
+    population = None
+    if cfg.model.norm == "bn" and cfg.model.bn.stats == "population":
+        pop_loader, _, pop_sampler = build_loaders(
+            train_set, val_set, seed=cfg.seed + POPULATION_SEED_OFFSET, **common
+        )
+        population = epochs(pop_loader, pop_sampler, env.device, channels_last)
+    amp = t.amp == "bf16" and env.device.type == "cuda"
+
+    @torch.inference_mode()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model.eval()
+        loss_sum, top1, top5, n = 0.0, 0, 0, 0
+        for x, y in on_device(val_loader, env.device, channels_last):
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct = topk_correct(logits, y, (1, 5))
+            top1, top5, n = top1 + correct[1], top5 + correct[5], n + y.numel()
+        model.train()
+        loss_sum, top1, top5, n = sum_across_ranks(env, [loss_sum, top1, top5, n])
+        return {
+            "val/loss": loss_sum / n,
+            "val/top1": 100.0 * top1 / n,
+            "val/top5": 100.0 * top5 / n,
+        }
+
+    probe_x = torch.stack([val_set[i][0] for i in range(min(t.probe.num_images, len(val_set)))])
+    return Task(
+        train_batches=epochs(train_loader, sampler, env.device, channels_last),
+        population_batches=population,
+        evaluate=evaluate,
+        probe_x=probe_x.to(env.device),
+        monitor="val/top1",
+    )

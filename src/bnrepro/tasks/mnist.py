@@ -1,0 +1,52 @@
+"""MNIST (Section 4.1): the whole dataset as tensors in memory, evaluated on all 10k test images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from bnrepro.data.batches import shuffled_batches
+from bnrepro.data.mnist import load_mnist
+from bnrepro.distributed import DistEnv
+from bnrepro.tasks import Task
+
+# Population statistics draw their own batches so that the training order of a seed is the
+# same whichever BN statistics mode is chosen.
+POPULATION_SEED_OFFSET = 1_000_003
+
+
+def build_mnist_task(cfg: DictConfig, env: DistEnv) -> Task:
+    data = load_mnist(
+        cfg.data.root,
+        download=cfg.data.download,
+        sha256=cfg.data.sha256 if cfg.data.verify_checksums else None,
+    )
+    device = env.device
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    seed = cfg.seed + env.rank  # each replica its own data order; rank 0 = the plain run
+
+    def batches(offset: int):
+        # A CPU generator on every device, so a seed means the same order on CPU and GPU.
+        generator = torch.Generator().manual_seed(seed + offset)
+        return shuffled_batches(train_x, train_y, cfg.data.batch_size, generator)
+
+    @torch.inference_mode()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        model.eval()
+        logits = model(test_x)
+        model.train()
+        return {
+            "test/loss": F.cross_entropy(logits, test_y).item(),
+            "test/acc": 100.0 * (logits.argmax(dim=1) == test_y).sum().item() / test_y.numel(),
+        }
+
+    return Task(
+        train_batches=batches(0),
+        population_batches=batches(POPULATION_SEED_OFFSET),
+        evaluate=evaluate,
+        probe_x=test_x[: cfg.trainer.probe.num_images],
+        monitor="test/acc",
+    )
