@@ -11,9 +11,13 @@ STAMP := $(VENV)/.installed-stamp
 SEEDS ?= 1,2,3,4,5
 JOBS ?= 2
 SWEEP_DIR ?= logs/reproduce-mnist
+GRID_SWEEP_DIR ?= logs/reproduce-mnist-grid
 MNIST_RESULTS := results/mnist
+# The Figure 3 grid in miniature: every combination of the variant groups on the MNIST MLP.
+GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,inception
 
-.PHONY: help install lint format test test-full reproduce-mnist figures clean
+.PHONY: help install lint format test test-full reproduce-mnist reproduce-mnist-grid figures \
+	bench-imagenet clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -47,8 +51,19 @@ reproduce-mnist: install ## Figure 1: baseline and BN x SEEDS x 50k steps, then 
 	$(PY) scripts/collect_runs.py $(SWEEP_DIR) $(MNIST_RESULTS)/runs
 	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
 
+reproduce-mnist-grid: install ## The variant grid on MNIST (24 runs), then results/mnist/grid.*
+	rm -rf $(GRID_SWEEP_DIR)
+	$(VENV)/bin/bnrepro-train --multirun experiment=mnist/grid $(GRID) \
+		hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(GRID_SWEEP_DIR)
+	$(PY) scripts/collect_runs.py $(GRID_SWEEP_DIR) $(MNIST_RESULTS)/grid_runs
+	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
+
 figures: install ## Rebuild every figure in results/ from the run logs stored there
 	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
+	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
+
+bench-imagenet: install ## BN-Inception vs GoogLeNet training images/s (GPU if any), results/bench/
+	$(PY) scripts/bench_imagenet.py
 
 clean: ## Remove caches (keeps .venv, logs/ and results/)
 	rm -rf .pytest_cache .ruff_cache

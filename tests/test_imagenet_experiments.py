@@ -141,3 +141,63 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(mnist_root, tmp_path):
     summaries = sorted(json.loads(p.read_text())["seed"] for p in sweep.glob("*/summary.json"))
     assert summaries == [1, 2]
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # really ran as submitit jobs
+
+
+def test_figure2_script_builds_from_real_short_runs(imagenet_sweep, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/make_figure2.py",
+            "--runs",
+            str(imagenet_sweep),
+            "--out",
+            str(tmp_path),
+            "--target",
+            "40",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "figure2.png").stat().st_size > 10_000
+    result = json.loads((tmp_path / "figure3.json").read_text())
+    rows = {row["arm"]: row for row in result["rows"]}
+    assert list(rows) == ["inception", "bn_baseline", "bn_x5", "bn_x30", "bn_x5_sigmoid"]
+    for run in find_runs(imagenet_sweep):
+        accs = [m["val/top1"] for m in run.metrics]
+        assert rows[run.arm]["max_acc"] == pytest.approx(max(accs))
+        reached = [m["step"] for m in run.metrics if m["val/top1"] >= 40]
+        assert rows[run.arm]["steps_to_target"] == (reached[0] if reached else None)
+    table = (tmp_path / "figure3.md").read_text()
+    assert "| bn_x30 |" in table and "2.7M" in table and "74.8 %" in table
+
+
+def test_imagenet_benchmark_runs_on_cpu_with_a_tiny_batch(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_imagenet.py",
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--image-size",
+            "64",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "imagenet_cpu.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"bn_inception", "googlenet"}
+    assert all(r["images_per_s"] > 0 for r in rows)

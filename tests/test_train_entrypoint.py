@@ -182,3 +182,25 @@ def test_wandb_online_without_credentials_falls_back_to_offline(mnist_root, tmp_
     assert len(offline_runs(run_dir)) == 1
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 100, 200, 300]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_divergence_is_recorded_not_raised(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        "experiment=mnist/baseline",
+        "logger=none",
+        "activation=relu",
+        "optim.lr=1000",
+        "trainer.steps=500",
+        "trainer.eval_every=100",
+        f"paths.data_dir={mnist_root}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert (
+        1 <= summary["diverged_at_step"] < 500 and summary["steps"] == summary["diverged_at_step"]
+    )
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert last["step"] == summary["diverged_at_step"] and last["train/loss"] is None

@@ -36,9 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from bnrepro.models.batchnorm import make_batchnorm
-
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
-NORMS = ("none", "bn")
+from bnrepro.models.mlp import ACTIVATIONS, NORMS
 
 # The appendix table, one row per Inception module: #1x1, #3x3 reduce, #3x3, double #3x3
 # reduce, double #3x3, pool type, pool projection (0 = pass through), stride. 4c and 4d's

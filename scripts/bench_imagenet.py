@@ -1,0 +1,148 @@
+"""Training throughput of BN-Inception against torchvision's GoogLeNet, synthetic input.
+
+    python scripts/bench_imagenet.py                 # GPU if there is one: batch 256, bf16, NHWC
+    python scripts/bench_imagenet.py --device cpu    # CPU: batch 4, eager only unless --compile
+
+Measures images/s of full training steps (forward, backward, SGD) after warm-up, eager and
+torch.compile, for both networks under the same settings, all in one run so the ratios are
+fair. Writes results/bench/imagenet_<device>.md and .json with the machine described.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.models import googlenet
+
+from bnrepro.models.inception import BNInception
+
+
+def make_model(name: str) -> torch.nn.Module:
+    if name == "bn_inception":
+        return BNInception(num_classes=1000, norm="bn")
+    return googlenet(weights=None, aux_logits=False, init_weights=True)
+
+
+def images_per_second(
+    name: str,
+    compiled: bool,
+    device: torch.device,
+    batch: int,
+    size: int,
+    steps: int,
+    warmup: int,
+) -> float:
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model = make_model(name).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9)
+    step_model = torch.compile(model) if compiled else model
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(step_model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):  # includes compilation
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--batch", type=int, help="default: 256 on GPU, 4 on CPU")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, help="timed steps (default: 50 GPU, 3 CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 10 GPU, 1 CPU)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile (default: on GPU only)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    batch = args.batch or (256 if cuda else 4)
+    steps = args.steps or (50 if cuda else 3)
+    warmup = args.warmup or (10 if cuda else 1)
+    modes = [False, True] if (args.compile if args.compile is not None else cuda) else [False]
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+
+    rows = []
+    for compiled in modes:
+        for name in ("bn_inception", "googlenet"):
+            ips = images_per_second(name, compiled, device, batch, args.image_size, steps, warmup)
+            rows.append({"model": name, "compile": compiled, "images_per_s": round(ips, 1)})
+            print(f"{name:13s} compile={compiled!s:5s} {ips:10.1f} img/s", flush=True)
+    by = {(r["model"], r["compile"]): r["images_per_s"] for r in rows}
+    for compiled in modes:
+        ratio = by[("bn_inception", compiled)] / by[("googlenet", compiled)]
+        print(f"BN-Inception / GoogLeNet (compile={compiled}): {ratio:.2f}")
+
+    settings = (
+        f"batch {batch}, {args.image_size}x{args.image_size}, "
+        + ("bf16 autocast, channels_last" if cuda else "fp32, contiguous")
+        + f", {steps} timed steps after {warmup} warm-up"
+    )
+    command = "python scripts/bench_imagenet.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"# BN-Inception training throughput ({device.type})",
+        "",
+        f"Device: {describe(device)}. Settings: {settings}.",
+        f"Command: `{command.strip()}`",
+        "",
+        "| model | torch.compile | images/s |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['model']} | {r['compile']} | {r['images_per_s']:,} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"imagenet_{device.type}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"imagenet_{device.type}.json").write_text(
+        json.dumps(
+            {
+                "device": describe(device),
+                "settings": settings,
+                "command": command.strip(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.out / f'imagenet_{device.type}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

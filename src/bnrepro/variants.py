@@ -1,0 +1,123 @@
+"""Comparing variants (Figures 2 and 3, and the MNIST grid): curves and the table
+"steps to reach X % / max accuracy", from run directories or from a W&B project."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bnrepro.runs import RunRecord
+
+
+@dataclass
+class ArmResult:
+    """One variant (arm): its accuracy curve (mean over seeds) and what the table reports."""
+
+    arm: str
+    seeds: list[int]
+    steps: list[int]
+    curve: np.ndarray
+    statuses: list[str]
+    diverged_at: list[int]
+
+    @property
+    def diverged(self) -> bool:
+        return bool(self.diverged_at)
+
+    def steps_to(self, target: float) -> int | None:
+        hits = np.nonzero(self.curve >= target)[0]
+        return int(self.steps[hits[0]]) if hits.size else None
+
+    @property
+    def max_acc(self) -> float | None:
+        return float(self.curve.max()) if self.curve.size else None
+
+    @property
+    def max_at_step(self) -> int | None:
+        return int(self.steps[int(self.curve.argmax())]) if self.curve.size else None
+
+
+def arm_results(runs: list[RunRecord], metric: str) -> dict[str, ArmResult]:
+    """Group runs by arm; average `metric` over the seeds' shared evaluations.
+
+    A diverged seed keeps its curve up to the divergence; the arm is marked diverged.
+    """
+    by_arm: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        by_arm.setdefault(run.arm, []).append(run)
+    results = {}
+    for arm, arm_runs in by_arm.items():
+        curves = [[m for m in r.metrics if metric in m and m[metric] is not None] for r in arm_runs]
+        n = min(len(c) for c in curves)
+        results[arm] = ArmResult(
+            arm=arm,
+            seeds=[r.seed for r in arm_runs],
+            steps=[m["step"] for m in curves[0][:n]],
+            curve=np.array([[m[metric] for m in c[:n]] for c in curves]).mean(axis=0)
+            if n
+            else np.array([]),
+            statuses=[r.summary["status"] for r in arm_runs],
+            diverged_at=[
+                r.summary["diverged_at_step"] for r in arm_runs if r.summary["status"] == "diverged"
+            ],
+        )
+    return results
+
+
+def table_rows(results: dict[str, ArmResult], target: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "arm": r.arm,
+            "seeds": len(r.seeds),
+            "steps_to_target": r.steps_to(target),
+            "max_acc": r.max_acc,
+            "max_at_step": r.max_at_step,
+            "diverged": r.diverged,
+            "diverged_at_step": min(r.diverged_at) if r.diverged else None,
+        }
+        for r in results.values()
+    ]
+
+
+def markdown_table(rows: list[dict[str, Any]], target: float, extra: dict | None = None) -> str:
+    """The Figure 3 table; `extra` maps arm -> {column: value} (e.g. the paper's numbers)."""
+    extra = extra or {}
+    extra_cols = sorted({c for cols in extra.values() for c in cols})
+    head = ["variant", "seeds", f"steps to {target:g} %", "max acc (%)", "at step", "diverged"]
+    lines = [
+        "| " + " | ".join(head + extra_cols) + " |",
+        "|" + "---|" * (len(head) + len(extra_cols)),
+    ]
+    for row in rows:
+        cells = [
+            row["arm"],
+            str(row["seeds"]),
+            f"{row['steps_to_target']:,}" if row["steps_to_target"] is not None else "not reached",
+            f"{row['max_acc']:.2f}" if row["max_acc"] is not None else "-",
+            f"{row['max_at_step']:,}" if row["max_at_step"] is not None else "-",
+            f"yes, step {row['diverged_at_step']:,}" if row["diverged"] else "no",
+        ]
+        cells += [str(extra.get(row["arm"], {}).get(c, "")) for c in extra_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def runs_from_wandb(project: str, metric: str) -> list[RunRecord]:
+    """The same records from a W&B project ("entity/project"), for runs synced or logged online.
+
+    Needs network access and `wandb login`; the summary keys are those of summary.json.
+    """
+    from pathlib import Path
+
+    import wandb
+
+    records = []
+    for run in wandb.Api().runs(project):
+        summary = dict(run.summary)
+        if "arm" not in summary:
+            continue
+        metrics = [row for row in run.scan_history(keys=["step", metric]) if metric in row]
+        records.append(RunRecord(path=Path(run.url), summary=summary, metrics=metrics))
+    return sorted(records, key=lambda r: (r.arm, r.seed))
