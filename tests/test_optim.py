@@ -1,0 +1,40 @@
+"""The optimiser leaves BN's gamma and beta undecayed; the schedule decays every N steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnrepro.models.mlp import MLP
+from bnrepro.optim import build_optimizer, build_scheduler
+
+CFG = {
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "norm_weight_decay": 0.0,
+    "schedule": {"name": "exponential", "gamma": 0.5, "every_steps": 3},
+}
+
+
+def test_no_weight_decay_on_bn_parameters():
+    model = MLP(norm="bn", bn={"stats": "ema"})
+    optimizer = build_optimizer(model, CFG)
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            want = 0.0 if isinstance(module, torch.nn.BatchNorm1d) else 1e-4
+            assert decay[id(p)] == want, name
+    assert len(decay) == len(list(model.parameters()))
+
+
+def test_exponential_decay_every_n_steps():
+    optimizer = build_optimizer(MLP(), CFG)
+    scheduler = build_scheduler(optimizer, CFG)
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step_batch()
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025])
+    assert build_scheduler(optimizer, CFG | {"schedule": None}) is None
