@@ -100,6 +100,8 @@ def test_data_dir_comes_from_env(compose_cfg, monkeypatch):
         ("model.norm=ln", "model.norm='ln' is invalid"),
         ("model.dropout=1.0", "model.dropout=1.0 is invalid"),
         ("trainer.probe.unit=100", "trainer.probe.unit=100 is invalid"),
+        ("seeds=[1,1]", "seeds=[1, 1] is invalid"),
+        ("seeds=[]", "seeds=[] is invalid"),
     ],
 )
 def test_bad_values_are_one_clear_line(compose_cfg, override, message):

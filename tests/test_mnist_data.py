@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnrepro.data.batches import shuffled_batches
+from bnrepro.data.batches import ShuffledBatches, shuffled_batches
 from bnrepro.data.mnist import load_mnist, raw_dir
 from bnrepro.errors import DataError
 
@@ -78,3 +78,24 @@ def test_batches_cover_each_epoch_once_and_drop_the_remainder():
     assert all(torch.equal(bx.squeeze(1).long(), by) for bx, by in epoch)
     again = shuffled_batches(x, torch.arange(130), 60, torch.Generator().manual_seed(0))
     assert torch.equal(next(again)[0], epoch[0][0])  # same seed, same order
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_batches_resume_at_the_same_position(stacked):
+    x = torch.randint(0, 256, (130, 4), dtype=torch.uint8)
+    y = torch.arange(130)
+
+    def make():
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)][: 2 if stacked else 1]
+        return ShuffledBatches(x, y, 60, gens, stacked=stacked)
+
+    first = make()
+    for _ in range(3):  # into the second epoch
+        next(first)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(4)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    for (ex, ey), (rx, ry) in zip(expected, (next(resumed) for _ in range(4)), strict=True):
+        assert torch.equal(ex, rx) and torch.equal(ey, ry)
+    assert expected[0][0].dtype == torch.float32 and float(expected[0][0].max()) <= 1.0

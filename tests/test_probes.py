@@ -32,7 +32,7 @@ def identity_mlp(norm: str = "none") -> MLP:
 def test_percentiles_of_known_preactivations():
     model = identity_mlp()
     x = torch.tensor(np.random.default_rng(0).normal(1.0, 2.0, size=(501, 4)))
-    out = nonlinearity_input_percentiles(model, model.nonlinearities(), x, 2, PERCENTILES)
+    (out,) = nonlinearity_input_percentiles(model, model.nonlinearities(), x, 2, PERCENTILES)
 
     h1_input = x[:, 2].numpy()
     h2_input = 1.0 / (1.0 + np.exp(-h1_input))  # h1's sigmoid output feeds h2 unchanged
@@ -51,7 +51,7 @@ def test_bn_probe_reads_after_bn_with_inference_statistics():
         bn.running_var.fill_(4.0)
     x = torch.tensor(np.random.default_rng(1).normal(size=(200, 4)))
     model.train()  # the probe must switch to inference mode itself, and switch back
-    out = nonlinearity_input_percentiles(model, model.nonlinearities(), x, 0, PERCENTILES)
+    (out,) = nonlinearity_input_percentiles(model, model.nonlinearities(), x, 0, PERCENTILES)
     after_bn = (x[:, 0].numpy() - 3.0) / np.sqrt(4.0 + 1e-5)
     assert out["act/h1/p50"] == pytest.approx(np.percentile(after_bn, 50), rel=1e-9)
     assert model.training

@@ -23,8 +23,14 @@ def repo_root() -> str:
     return str(checkout if (checkout / "pyproject.toml").is_file() else Path.cwd())
 
 
+def seed_tag(seed: int, seeds: list[int] | None) -> str:
+    """The sweep subdirectory's seed part: seed3, or seeds1-2-3 for a stacked job."""
+    return "seeds" + "-".join(map(str, seeds)) if seeds else f"seed{seed}"
+
+
 RESOLVERS = {
     "repo_root": repo_root,
+    "seed_tag": seed_tag,
     # optim.lr = base_lr * lr_mult (x1/x5/x30), weight decay / 5 and faster decay (Section 4.2.1)
     "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b,
@@ -78,6 +84,19 @@ def check_config(cfg: DictConfig) -> None:
         ),
         ("trainer.probe.num_images", _positive_int, "a positive integer"),
     ]
+    if cfg.seeds is not None:
+        checks.append(
+            (
+                "seeds",
+                lambda v: list(v) and all(_is_int(s) for s in v) and len(set(v)) == len(v),
+                "a list of distinct integers",
+            )
+        )
+        if "hidden" not in cfg.model:
+            raise ConfigError(
+                "seeds=[...] (stacked training) needs the MNIST MLP (model=mlp); "
+                "run one seed per job instead: -m seed=1,2,3"
+            )
     if "init_std" in cfg.model:
         checks.append(("model.init_std", lambda v: _is_number(v) and v > 0, "a positive number"))
     for key, ok, expected in checks:

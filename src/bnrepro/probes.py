@@ -11,6 +11,15 @@ import torch
 from torch import nn
 
 
+def unit_values(x: torch.Tensor, unit: int, members: int | None) -> torch.Tensor:
+    """The values of one unit as (members, n): a stacked model's feature-major (M, F, B) input
+    gives one row per member; a plain (B, F) or (B, C, H, W) input gives one row (for a
+    convolution, every position of feature map `unit` counts, as BN's statistics do)."""
+    if members is not None:
+        return x[:, unit]
+    return x[:, unit].reshape(1, -1)
+
+
 @torch.inference_mode()
 def nonlinearity_input_percentiles(
     model: nn.Module,
@@ -18,17 +27,19 @@ def nonlinearity_input_percentiles(
     probe_x: torch.Tensor,
     unit: int,
     percentiles: Sequence[float],
-) -> dict[str, float]:
-    """Run `probe_x` through `model` in inference mode; return {"act/<layer>/p<q>": value}.
+) -> list[dict[str, float]]:
+    """Run `probe_x` through `model` in inference mode; for each member of the model (one for a
+    plain network), return {"act/<layer>/p<q>": value}.
 
     For each named nonlinearity, the values of unit `unit` of its input over the probe set
     are reduced to the given percentiles (linear interpolation, as numpy.percentile).
     """
+    members = getattr(model, "members", None)
     captured: dict[str, torch.Tensor] = {}
 
     def capture(name: str):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured[name] = args[0][:, unit].detach().double()
+            captured[name] = unit_values(args[0], unit, members).detach().double()
 
         return hook
 
@@ -43,8 +54,10 @@ def nonlinearity_input_percentiles(
             handle.remove()
 
     q = torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float64)
-    out: dict[str, float] = {}
+    out: list[dict[str, float]] = [{} for _ in range(members or 1)]
     for name, values in captured.items():
-        for p, v in zip(percentiles, torch.quantile(values, q).tolist(), strict=True):
-            out[f"act/{name}/p{p:g}"] = v
+        table = torch.quantile(values, q, dim=1).T.tolist()  # (members, len(q))
+        for record, row in zip(out, table, strict=True):
+            for p, v in zip(percentiles, row, strict=True):
+                record[f"act/{name}/p{p:g}"] = v
     return out

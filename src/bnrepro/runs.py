@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+if TYPE_CHECKING:
     from bnrepro.engine import LoopResult
 
 
@@ -26,10 +27,32 @@ def summarize(cfg: DictConfig, monitor: str, result: LoopResult, seconds: float)
         f"best_{key}": accs[best] if best is not None else None,
         "best_step": result.history[best]["step"] if best is not None else None,
         "wall_seconds": round(seconds, 3),
+        # The whole process's peak (all members of a stacked job share it).
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "experiment": cfg.experiment_name,
         "arm": cfg.arm,
         "seed": cfg.seed,
     }
+
+
+def member_runs(
+    cfg: DictConfig, run_dir: Path, write: bool = True
+) -> list[tuple[DictConfig, Path]]:
+    """(config, run directory) of each trained network: the job itself, or with `seeds` one
+    per seed in <run_dir>/seed<k>/, each a complete run directory of its own."""
+    if not cfg.seeds:
+        return [(cfg, run_dir)]
+    runs = []
+    for seed in cfg.seeds:
+        member = cfg.copy()
+        with open_dict(member):
+            member.seed, member.seeds = seed, None
+        member_dir = run_dir / f"seed{seed}"
+        if write:  # what Hydra writes for a job, so every run directory looks the same
+            (member_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(member, member_dir / ".hydra" / "config.yaml")
+        runs.append((member, member_dir))
+    return runs
 
 
 @dataclass

@@ -12,9 +12,11 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +168,15 @@ def tracking(
         tracker = Tracker(run_dir, wandb_run)
         stack.callback(tracker.close)
         yield tracker
+
+
+def open_trackers(
+    stack: contextlib.ExitStack, runs: Sequence[tuple[Any, Path]], enabled: bool
+) -> list[Tracker]:
+    """One tracker per (config, run directory), closed with `stack`; W&B when configured."""
+    trackers = []
+    for cfg, run_dir in runs:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        logger_cfg = config["logger"] if config.get("logger") else None
+        trackers.append(stack.enter_context(tracking(run_dir, logger_cfg, config, enabled)))
+    return trackers

@@ -24,7 +24,8 @@ class Task:
     # Batches for Algorithm 2's population statistics, drawn separately so the training
     # order of a seed does not depend on the statistics mode. None when not needed.
     population_batches: Batches | None
-    evaluate: Callable[[nn.Module], dict[str, float]]
+    # One record per member of the model (a plain network is one member).
+    evaluate: Callable[[nn.Module], list[dict[str, float]]]
     probe_x: torch.Tensor  # fixed inputs for the activation-percentile traces
     monitor: str  # the accuracy key the summary reports, e.g. "test/acc" or "val/top1"
 

@@ -61,7 +61,7 @@ def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
     amp = t.amp == "bf16" and env.device.type == "cuda"
 
     @torch.inference_mode()
-    def evaluate(model: nn.Module) -> dict[str, float]:
+    def evaluate(model: nn.Module) -> list[dict[str, float]]:
         model.eval()
         loss_sum, top1, top5, n = 0.0, 0, 0, 0
         for x, y in on_device(val_loader, env.device, channels_last):
@@ -72,11 +72,7 @@ def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
             top1, top5, n = top1 + correct[1], top5 + correct[5], n + y.numel()
         model.train()
         loss_sum, top1, top5, n = sum_across_ranks(env, [loss_sum, top1, top5, n])
-        return {
-            "val/loss": loss_sum / n,
-            "val/top1": 100.0 * top1 / n,
-            "val/top5": 100.0 * top5 / n,
-        }
+        return [{"val/loss": loss_sum / n, "val/top1": 100 * top1 / n, "val/top5": 100 * top5 / n}]
 
     probe_x = torch.stack([val_set[i][0] for i in range(min(t.probe.num_images, len(val_set)))])
     return Task(

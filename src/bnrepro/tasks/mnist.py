@@ -1,4 +1,8 @@
-"""MNIST (Section 4.1): the whole dataset as tensors in memory, evaluated on all 10k test images."""
+"""MNIST (Section 4.1): the whole dataset as tensors in memory, evaluated on all 10k test images.
+
+With `seeds` set, the task serves a StackedMLP: every batch is (M, B, 784), member i drawing
+the data order of seed i, and evaluation returns one record per member.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from bnrepro.data.batches import shuffled_batches
+from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import load_mnist
 from bnrepro.distributed import DistEnv
 from bnrepro.tasks import Task
@@ -22,26 +26,36 @@ def build_mnist_task(cfg: DictConfig, env: DistEnv) -> Task:
         cfg.data.root,
         download=cfg.data.download,
         sha256=cfg.data.sha256 if cfg.data.verify_checksums else None,
+        raw_train=True,
     )
     device = env.device
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    seed = cfg.seed + env.rank  # each replica its own data order; rank 0 = the plain run
+    # Each replica its own data order (rank 0 = the plain run); each stacked member its seed's.
+    seeds = [s + env.rank for s in (cfg.seeds or [cfg.seed])]
+    batch = cfg.data.batch_size
 
     def batches(offset: int):
-        # A CPU generator on every device, so a seed means the same order on CPU and GPU.
-        generator = torch.Generator().manual_seed(seed + offset)
-        return shuffled_batches(train_x, train_y, cfg.data.batch_size, generator)
+        # CPU generators on every device, so a seed means the same order on CPU and GPU.
+        generators = [torch.Generator().manual_seed(s + offset) for s in seeds]
+        if cfg.seeds:
+            return stacked_batches(train_x, train_y, batch, generators)
+        return shuffled_batches(train_x, train_y, batch, generators[0])
 
     @torch.inference_mode()
-    def evaluate(model: nn.Module) -> dict[str, float]:
+    def evaluate(model: nn.Module) -> list[dict[str, float]]:
         model.eval()
         logits = model(test_x)
         model.train()
-        return {
-            "test/loss": F.cross_entropy(logits, test_y).item(),
-            "test/acc": 100.0 * (logits.argmax(dim=1) == test_y).sum().item() / test_y.numel(),
-        }
+        if logits.dim() == 2:
+            logits = logits.unsqueeze(0)  # a plain model is a stack of one
+        return [
+            {
+                "test/loss": F.cross_entropy(member, test_y).item(),
+                "test/acc": 100.0 * (member.argmax(dim=1) == test_y).sum().item() / test_y.numel(),
+            }
+            for member in logits
+        ]
 
     return Task(
         train_batches=batches(0),
