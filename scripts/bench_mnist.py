@@ -31,7 +31,7 @@ from torchvision.datasets import MNIST
 
 from bnrepro.data.mnist import load_mnist
 from bnrepro.models.mlp import MLP
-from bnrepro.runs import find_runs
+from bnrepro.runs import find_runs, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "none", "bn": "bn"}
@@ -112,7 +112,9 @@ def trainer(root: str, arm: str, steps: int, scratch: Path) -> tuple[float, floa
     )
     runs = find_runs(sweep)
     # Speed of the second half (steady state); each member logs its job's steps/s.
-    model_steps_per_s = sum(r.metrics[-1]["perf/steps_per_s"] for r in runs)
+    model_steps_per_s = sum(
+        read_metrics(r.path / "perf.jsonl")[-1]["perf/steps_per_s"] for r in runs
+    )
     peak_mb = sum({r.summary["peak_rss_mb"] for r in runs if r.seed in (1, 6)})
     return 1.0 / model_steps_per_s, peak_mb
 

@@ -97,7 +97,11 @@ def build(runs: list[RunRecord], out: Path) -> dict:
     for arm, title in ARMS.items():
         arm_runs = [r for r in by_arm[arm] if r.summary["status"] == "completed"]
         steps, accs = accuracy_matrix(arm_runs)
-        plot_accuracy_band(axes[0], steps, accs, f"{title} (n={len(arm_runs)})", COLORS[arm])
+        dropped = len(by_arm[arm]) - len(arm_runs)  # diverged or failed: said, not hidden
+        label = f"{title} (n={len(arm_runs)}" + (
+            f", {dropped} diverged/failed)" if dropped else ")"
+        )
+        plot_accuracy_band(axes[0], steps, accs, label, COLORS[arm])
         shown = (
             next(r for r in arm_runs if r.seed == trace_seed)
             if any(r.seed == trace_seed for r in arm_runs)

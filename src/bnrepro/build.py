@@ -33,6 +33,8 @@ def loop_settings(cfg: DictConfig, env: DistEnv) -> LoopSettings:
         population_batches=cfg.model.bn.population_batches,
         amp=cfg.trainer.amp == "bf16" and env.device.type == "cuda",
         progress=cfg.trainer.progress,
+        checkpoint_every=cfg.trainer.checkpoint_every,
+        diverge_loss=cfg.trainer.diverge_loss,
         progress_desc=f"{cfg.arm} seed{'s' if cfg.seeds else ''} "
         + ",".join(map(str, cfg.seeds or [cfg.seed])),
     )

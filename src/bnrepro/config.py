@@ -83,6 +83,13 @@ def check_config(cfg: DictConfig) -> None:
             f"an integer in [0, {width})",
         ),
         ("trainer.probe.num_images", _positive_int, "a positive integer"),
+        ("trainer.checkpoint_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        (
+            "trainer.diverge_loss",
+            lambda v: v is None or (_is_number(v) and v > 0),
+            "null or a positive number",
+        ),
+        ("resume", lambda v: isinstance(v, str) and v != "", "auto, never or a checkpoint path"),
     ]
     if cfg.seeds is not None:
         checks.append(

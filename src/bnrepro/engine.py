@@ -8,7 +8,7 @@ as diverged and no longer logged, while the others train on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,8 @@ class LoopSettings:
     amp: bool = False  # bf16 autocast (GPU only)
     progress: bool = True
     progress_desc: str = "train"
+    checkpoint_every: int = 0  # 0: only at the end
+    diverge_loss: float | None = None  # a loss above this counts as diverged, like NaN/inf
 
 
 @dataclass
@@ -49,6 +51,34 @@ class LoopResult:
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     diverged_at_step: int | None = None
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: saved in checkpoints, restored on resume."""
+
+    results: list[LoopResult]
+    step: int = 0
+    alive: list[int] = field(default_factory=list)
+    loss_sum: torch.Tensor | None = None  # per member, since the last evaluation
+    loss_count: int = 0
+    seconds: float = 0.0  # training wall time so far, over all resumptions
+
+    @classmethod
+    def fresh(cls, members: int) -> LoopState:
+        return cls(
+            results=[LoopResult("completed", 0) for _ in range(members)],
+            alive=list(range(members)),
+            loss_sum=torch.zeros(members, dtype=torch.float64),
+        )
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was written at `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted at step {step}")
+        self.step = step
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,19 +132,26 @@ def fit(
     settings: LoopSettings,
     trackers: Sequence[Tracker],
     env: DistEnv,
+    state: LoopState | None = None,
+    save_checkpoint: Callable[[LoopState], None] = lambda state: None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> list[LoopResult]:
-    """Train for `settings.steps`, evaluating every `eval_every` steps and at the end.
+    """Train up to `settings.steps`, from `state` (a resumed run) or from scratch, evaluating
+    every `eval_every` steps and at the end, checkpointing every `checkpoint_every` steps and
+    at the end.
 
     `model` is what trains (possibly DDP-wrapped or compiled); evaluation uses the bare network.
-    A non-finite loss stops a member as "diverged": a result to record, not a crash.
+    A non-finite loss (or one above `diverge_loss`) stops a member as "diverged": a result to
+    record, not a crash. When `stop_requested()` turns true, a checkpoint is written and
+    Preempted raised.
     """
     network = getattr(model, "module", model)
     network = getattr(network, "_orig_mod", network)  # under torch.compile
-    results = [LoopResult(status="completed", steps=0) for _ in trackers]
-    alive = list(range(len(trackers)))
-    alive_mask = torch.ones(len(trackers), dtype=torch.bool)
-    loss_sum = torch.zeros(len(trackers), dtype=torch.float64)
-    loss_count, step = 0, 0
+    resumed = state is not None
+    state = state or LoopState.fresh(len(trackers))
+    results, alive = state.results, state.alive
+    limit = settings.diverge_loss if settings.diverge_loss is not None else float("inf")
+    seconds_before, started = state.seconds, time.perf_counter()
 
     def evaluate_and_log(step: int, extra: list[dict[str, float]]) -> None:
         records = evaluation_records(network, task, settings, env)
@@ -124,48 +161,57 @@ def fit(
             trackers[i].log(record)
             results[i].history.append(record)
 
-    if settings.eval_at_start:
+    if settings.eval_at_start and not resumed:
         evaluate_and_log(0, [{} for _ in trackers])
     model.train()
     window_start = time.perf_counter()
     bar = tqdm(
         total=settings.steps,
+        initial=state.step,
         desc=settings.progress_desc,
         mininterval=1.0,
         unit="step",
-        disable=not (settings.progress and env.is_main),
         dynamic_ncols=True,
+        disable=not (settings.progress and env.is_main),
     )
     with bar:
-        for step in range(1, settings.steps + 1):
+        while state.step < settings.steps and alive:
             x, y = next(task.train_batches)
-            losses = train_step(model, optimizer, x, y, settings.amp).cpu()
+            losses = train_step(model, optimizer, x, y, settings.amp).cpu().double()
+            stop = stop_requested()
             if env.enabled:  # one decision for all replicas: a rank stopping alone hangs the rest
-                losses = torch.tensor(sum_across_ranks(env, losses.tolist())) / env.world_size
+                summed = sum_across_ranks(env, [*losses.tolist(), float(stop)])
+                losses, stop = torch.tensor(summed[:-1]) / env.world_size, summed[-1] > 0
             if scheduler is not None:
                 scheduler.step_batch()
+            state.step += 1
+            step = state.step
             bar.update(1)
-            if bool((alive_mask & ~torch.isfinite(losses)).any()):
-                for i in [i for i in alive if not torch.isfinite(losses[i])]:
-                    results[i].status, results[i].diverged_at_step = "diverged", step
-                    results[i].steps = step
-                    trackers[i].log({"step": step, "train/loss": losses[i].item()})
-                    alive.remove(i)
-                    alive_mask[i] = False
-                if not alive:
-                    break
-            loss_sum += losses
-            loss_count += 1
-            if step % settings.eval_every and step != settings.steps:
-                continue
-            speed = loss_count / (time.perf_counter() - window_start)
-            means = (loss_sum / loss_count).tolist()
-            evaluate_and_log(step, [{"train/loss": m, "perf/steps_per_s": speed} for m in means])
-            first = results[alive[0]].history[-1]
-            bar.set_postfix(loss=f"{first['train/loss']:.4f}", acc=f"{first[task.monitor]:.2f}")
-            loss_sum.zero_()
-            loss_count = 0
-            window_start = time.perf_counter()
-    for i in alive:
-        results[i].steps = step
+            bad = ~torch.isfinite(losses) | (losses > limit)
+            for i in [i for i in alive if bad[i]]:
+                results[i].status, results[i].diverged_at_step = "diverged", step
+                results[i].steps = step
+                trackers[i].log({"step": step, "train/loss": losses[i].item()})
+                alive.remove(i)
+            state.loss_sum += losses
+            state.loss_count += 1
+            if alive and (step % settings.eval_every == 0 or step == settings.steps):
+                speed = state.loss_count / (time.perf_counter() - window_start)
+                means = (state.loss_sum / state.loss_count).tolist()
+                evaluate_and_log(step, [{"train/loss": m} for m in means])
+                for tracker in trackers:
+                    tracker.log_perf({"step": step, "perf/steps_per_s": speed})
+                first = results[alive[0]].history[-1]
+                bar.set_postfix(loss=f"{first['train/loss']:.4f}", acc=f"{first[task.monitor]:.2f}")
+                state.loss_sum.zero_()
+                state.loss_count = 0
+                window_start = time.perf_counter()
+            for i in alive:
+                results[i].steps = step
+            every = settings.checkpoint_every
+            if stop or (every and step % every == 0) or step == settings.steps or not alive:
+                state.seconds = seconds_before + time.perf_counter() - started
+                save_checkpoint(state)
+            if stop:
+                raise Preempted(step)
     return results

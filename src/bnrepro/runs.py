@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bnrepro.distributed import DistEnv, replicas_in_sync
+from bnrepro.plots import plot_run
 
 if TYPE_CHECKING:
     from bnrepro.engine import LoopResult
+    from bnrepro.tracking import Tracker
+
+log = logging.getLogger("bnrepro.train")
 
 
 def summarize(cfg: DictConfig, monitor: str, result: LoopResult, seconds: float) -> dict[str, Any]:
@@ -53,6 +61,39 @@ def member_runs(
             OmegaConf.save(member, member_dir / ".hydra" / "config.yaml")
         runs.append((member, member_dir))
     return runs
+
+
+def finish_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    tracker: Tracker,
+    network: torch.nn.Module,
+    result: LoopResult,
+    monitor: str,
+    seconds: float,
+    env: DistEnv,
+) -> dict[str, Any]:
+    """Write one network's summary.json and figure; return the summary."""
+    summary = summarize(cfg, monitor, result, seconds)
+    if env.enabled:
+        summary |= {
+            "world_size": env.world_size,
+            "replicas_in_sync": replicas_in_sync(env, network),
+        }
+    if result.history and env.is_main:
+        last_layer = list(network.nonlinearities())[-1]
+        plot_run(
+            result.history, monitor, last_layer, f"{cfg.arm} seed {cfg.seed}", run_dir / "run.png"
+        )
+        tracker.log_image("figure/run", run_dir / "run.png")
+    tracker.write_summary(summary)
+    final = summary[f"final_{monitor.replace('/', '_')}"]
+    if env.is_main:
+        log.info(
+            f"{cfg.arm} seed {cfg.seed}: {summary['status']} after {summary['steps']} "
+            f"steps, final {monitor} {final}, {seconds:.1f} s"
+        )
+    return summary
 
 
 @dataclass

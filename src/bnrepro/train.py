@@ -11,6 +11,7 @@ import contextlib
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +20,22 @@ import torch
 from omegaconf import DictConfig
 
 from bnrepro.build import build_model, loop_settings
+from bnrepro.checkpoint import Checkpointer, find_resume
 from bnrepro.config import check_config, register_resolvers
 from bnrepro.distributed import (
     DistEnv,
     broadcast_object,
     init_distributed,
-    replicas_in_sync,
     shutdown,
 )
-from bnrepro.engine import LoopResult, fit
+from bnrepro.engine import LoopResult, Preempted, fit
 from bnrepro.errors import UserError
 from bnrepro.optim import build_optimizer, build_scheduler
-from bnrepro.plots import plot_run
-from bnrepro.runs import member_runs, summarize
+from bnrepro.preemption import PreemptionSignals
+from bnrepro.preflight import preflight
+from bnrepro.runs import finish_run, member_runs, summarize
 from bnrepro.tasks import build_task
-from bnrepro.tracking import Tracker, open_trackers
+from bnrepro.tracking import open_trackers
 
 log = logging.getLogger("bnrepro.train")
 register_resolvers()
@@ -42,61 +44,57 @@ register_resolvers()
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def finish_run(
-    cfg: DictConfig,
-    run_dir: Path,
-    tracker: Tracker,
-    network: torch.nn.Module,
-    result: LoopResult,
-    monitor: str,
-    seconds: float,
-    env: DistEnv,
-) -> dict[str, Any]:
-    """Write one network's summary.json and figure; return the summary."""
-    summary = summarize(cfg, monitor, result, seconds)
-    if env.enabled:
-        summary |= {
-            "world_size": env.world_size,
-            "replicas_in_sync": replicas_in_sync(env, network),
-        }
-    if result.history and env.is_main:
-        last_layer = list(network.nonlinearities())[-1]
-        plot_run(
-            result.history, monitor, last_layer, f"{cfg.arm} seed {cfg.seed}", run_dir / "run.png"
-        )
-        tracker.log_image("figure/run", run_dir / "run.png")
-    tracker.write_summary(summary)
-    final = summary[f"final_{monitor.replace('/', '_')}"]
-    if env.is_main:
-        log.info(
-            f"{cfg.arm} seed {cfg.seed}: {summary['status']} after {summary['steps']} "
-            f"steps, final {monitor} {final}, {seconds:.1f} s"
-        )
-    return summary
-
-
 def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
-    """Train the network(s) `cfg` describes; return one summary per network."""
+    """Train the network(s) `cfg` describes, resuming from a checkpoint when there is one;
+    return one summary per network."""
     run_dir = Path(broadcast_object(env, cfg.paths.output_dir))  # rank 0's timestamped dir
     torch.set_num_threads(cfg.trainer.num_threads)
     task = build_task(cfg, env)
     network, model = build_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
+    checkpoints = Checkpointer(run_dir, cfg, network, optimizer, scheduler, task, env.is_main)
+    resume_from = find_resume(cfg.resume, run_dir)
+    state = checkpoints.restore(resume_from) if resume_from else None
+    if state is not None:
+        log.info(f"resuming from {resume_from} at step {state.step}")
     runs = member_runs(cfg, run_dir, write=env.is_main)
+    histories = [r.history for r in state.results] if state else None
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        trackers = open_trackers(stack, runs, enabled=env.is_main)
+    with contextlib.ExitStack() as stack, PreemptionSignals() as signals:
+        trackers = open_trackers(stack, runs, env.is_main, histories, checkpoints.wandb_ids)
+        checkpoints.trackers = trackers
+
+        def write_summaries(status: str, results: list[LoopResult]) -> None:
+            for (member_cfg, _), tracker, result in zip(runs, trackers, results, strict=True):
+                result = replace(result, status=status) if result.status == "completed" else result
+                seconds = time.perf_counter() - start
+                tracker.write_summary(summarize(member_cfg, task.monitor, result, seconds))
+
         try:
-            results = fit(model, optimizer, scheduler, task, loop_settings(cfg, env), trackers, env)
+            results = fit(
+                model,
+                optimizer,
+                scheduler,
+                task,
+                loop_settings(cfg, env),
+                trackers,
+                env,
+                state,
+                checkpoints.save,
+                signals.requested,
+            )
+        except Preempted as stop:
+            log.warning(
+                f"stopped by a signal at step {stop.step}; checkpoint written, the same "
+                f"command (same hydra.run.dir) resumes"
+            )
+            write_summaries("preempted", checkpoints.last_state.results)
+            signals.hand_over()
         except Exception:
-            failed = LoopResult(status="failed", steps=0)
-            for (member_cfg, _), tracker in zip(runs, trackers, strict=True):
-                tracker.write_summary(
-                    summarize(member_cfg, task.monitor, failed, time.perf_counter() - start)
-                )
+            write_summaries("failed", [LoopResult("failed", 0) for _ in runs])
             raise
-        seconds = time.perf_counter() - start
+        seconds = checkpoints.last_state.seconds if checkpoints.last_state else 0.0
         return [
             finish_run(c, d, tracker, network, result, task.monitor, seconds, env)
             for (c, d), tracker, result in zip(runs, trackers, results, strict=True)
@@ -118,5 +116,16 @@ def main(cfg: DictConfig) -> None:
             shutdown(env)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console entry (`bnrepro-train`, `python -m bnrepro.train`): check the command line
+    first, so that a typo costs one line and no job starts, then hand it to Hydra."""
+    try:
+        preflight(sys.argv[1:], CONFIG_DIR)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -25,19 +25,65 @@ def on_device(loader: DataLoader, device: torch.device, channels_last: bool) -> 
         )
 
 
-def epochs(
-    loader: DataLoader,
-    sampler: DistributedSampler | None,
-    device: torch.device,
-    channels_last: bool,
-) -> Batches:
-    """Endless batches, epoch after epoch."""
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)  # else every epoch repeats the first one's order
-        yield from on_device(loader, device, channels_last)
-        epoch += 1
+class EpochBatches:
+    """Endless batches, epoch after epoch, with a position that checkpoints can save.
+
+    Resuming replays the saved epoch's order (DistributedSampler: from its epoch number;
+    single process: from the samplers' generator states at the epoch's start) and skips the
+    batches already served; skipping reads those images again, so it costs time, not
+    correctness.
+    """
+
+    def __init__(
+        self,
+        loader: DataLoader,
+        sampler: DistributedSampler | None,
+        device: torch.device,
+        channels_last: bool,
+    ) -> None:
+        self.loader, self.sampler = loader, sampler
+        self.device, self.channels_last = device, channels_last
+        self.epoch, self.position, self.skip = 0, 0, 0
+        self.iterator: Batches | None = None
+        self.start_states: list[torch.Tensor] = []
+
+    def _generators(self) -> list[torch.Generator]:
+        found = [self.loader.generator, getattr(self.loader.sampler, "generator", None)]
+        return [g for g in found if g is not None]
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self.iterator is None:
+                self.start_states = [g.get_state() for g in self._generators()]
+                if self.sampler is not None:
+                    self.sampler.set_epoch(self.epoch)  # else every epoch repeats the first
+                self.iterator = on_device(self.loader, self.device, self.channels_last)
+            try:
+                batch = next(self.iterator)
+            except StopIteration:
+                self.iterator, self.epoch, self.position = None, self.epoch + 1, 0
+                continue
+            self.position += 1
+            if self.skip:
+                self.skip -= 1
+                continue
+            return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "start_states": self.start_states}
+
+    def load_state_dict(self, state: dict) -> None:
+        for g, saved in zip(self._generators(), state["start_states"], strict=False):
+            g.set_state(saved)
+        self.epoch, self.skip, self.position, self.iterator = (
+            state["epoch"],
+            state["position"],
+            0,
+            None,
+        )
 
 
 def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
@@ -57,7 +103,7 @@ def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
         pop_loader, _, pop_sampler = build_loaders(
             train_set, val_set, seed=cfg.seed + POPULATION_SEED_OFFSET, **common
         )
-        population = epochs(pop_loader, pop_sampler, env.device, channels_last)
+        population = EpochBatches(pop_loader, pop_sampler, env.device, channels_last)
     amp = t.amp == "bf16" and env.device.type == "cuda"
 
     @torch.inference_mode()
@@ -76,7 +122,7 @@ def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
 
     probe_x = torch.stack([val_set[i][0] for i in range(min(t.probe.num_images, len(val_set)))])
     return Task(
-        train_batches=epochs(train_loader, sampler, env.device, channels_last),
+        train_batches=EpochBatches(train_loader, sampler, env.device, channels_last),
         population_batches=population,
         evaluate=evaluate,
         probe_x=probe_x.to(env.device),

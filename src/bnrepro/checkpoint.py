@@ -1,0 +1,224 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint holds the network (BN buffers included), optimizer, scheduler, every RNG state,
+the data iterators' positions, the loop's state (step, metrics so far, which members are still
+training) and the W&B run ids. It is written atomically (temporary file, fsync, rename), so a
+kill during a write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bnrepro.errors import UserError
+
+FORMAT_VERSION = 1
+# What a resumed run may change: how long it trains, how it reports, where files go.
+NOT_IDENTITY = {
+    "trainer.steps",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.checkpoint_every",
+    "logger",
+    "paths",
+    "hydra",
+    "resume",
+    "tags",
+    "data.root",
+    "data.download",
+    "data.workers",
+}
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used: unreadable, or written by another config."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file, fsync and rename (then fsync the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage, wrong format: one message
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start "
+            f"over, or pass resume=never or a new hydra.run.dir"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} is not a bnrepro checkpoint (format {FORMAT_VERSION}); "
+            f"pass resume=never or a new hydra.run.dir"
+        )
+    return payload
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: node}
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The config values that define the computation (flattened keys, resolved values)."""
+    keys = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    kept = [k for k in keys if not any(k == n or k.startswith(n + ".") for n in NOT_IDENTITY)]
+    values = {k: OmegaConf.select(cfg, k) for k in kept}
+    return {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+
+
+def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differing:
+        key = differing[0]
+        raise CheckpointError(
+            f"checkpoint {path} was written by a different config ({key}: "
+            f"{saved.get(key)!r} there, {current.get(key)!r} now"
+            f"{f', and {len(differing) - 1} more' if len(differing) > 1 else ''}); use a new "
+            f"hydra.run.dir, or resume=never to overwrite"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def find_resume(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `resume=auto` takes <run_dir>/checkpoints/last.pt when
+    it exists, `never` none, anything else is a path that must exist."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = checkpoint_dir(run_dir) / "last.pt"
+        return last if last.exists() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume={resume}: no such checkpoint file")
+    return path
+
+
+class Checkpointer:
+    """Writes <run_dir>/checkpoints/last.pt (every checkpoint) and best.pt (the network with
+    the best mean `monitor` over the members still training); restores a resumed run."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: DictConfig,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        task: Any,
+        enabled: bool = True,
+    ) -> None:
+        self.folder = checkpoint_dir(run_dir)
+        self.identity = identity(cfg)
+        self.network, self.optimizer, self.scheduler, self.task = (
+            network,
+            optimizer,
+            scheduler,
+            task,
+        )
+        self.enabled = enabled
+        self.trackers: list[Any] = []
+        self.wandb_ids: list[str | None] | None = None
+        self.best = float("-inf")
+        self.last_state: Any = None
+
+    def save(self, state: Any) -> None:
+        self.last_state = state
+        if not self.enabled:
+            return
+        task = self.task
+        payload = {
+            "version": FORMAT_VERSION,
+            "step": state.step,
+            "identity": self.identity,
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": rng_state(),
+            "train_batches": task.train_batches.state_dict(),
+            "population_batches": task.population_batches.state_dict()
+            if task.population_batches is not None
+            else None,
+            "state": state,
+            "best": self.best,
+            "wandb_ids": [t.wandb_id for t in self.trackers],
+        }
+        scores = [
+            state.results[i].history[-1][task.monitor]
+            for i in state.alive
+            if state.results[i].history
+        ]
+        if scores and sum(scores) / len(scores) > self.best:
+            self.best = payload["best"] = sum(scores) / len(scores)
+            save_atomic(
+                {
+                    "version": FORMAT_VERSION,
+                    "step": state.step,
+                    "best": self.best,
+                    "model": payload["model"],
+                },
+                self.folder / "best.pt",
+            )
+        save_atomic(payload, self.folder / "last.pt")
+
+    def restore(self, path: Path) -> Any:
+        """Load `path` into the network, optimizer, scheduler, RNGs and data iterators; return
+        the loop state to continue from."""
+        payload = load(path)
+        check_identity(path, payload["identity"], self.identity)
+        self.network.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload["scheduler"] is not None:
+            self.scheduler.load_state_dict(payload["scheduler"])
+        set_rng_state(payload["rng"])
+        self.task.train_batches.load_state_dict(payload["train_batches"])
+        if payload["population_batches"] is not None:
+            self.task.population_batches.load_state_dict(payload["population_batches"])
+        self.best, self.wandb_ids = payload["best"], payload["wandb_ids"]
+        self.last_state = payload["state"]
+        return payload["state"]

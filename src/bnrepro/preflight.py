@@ -1,0 +1,118 @@
+"""Check a command line before Hydra runs it: bad input costs one line, not a traceback.
+
+Hydra reports an unknown key or config group with a multi-line message and a hint about
+HYDRA_FULL_ERROR, and only once the job starts (after a multirun has launched every other
+job). Here the overrides are composed the way Hydra will compose them (every value of a sweep
+is tried), each config is checked, and the run directory must be writable; the first problem
+becomes one ConfigError line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from bnrepro.config import check_config
+from bnrepro.errors import ConfigError
+
+# Flags after which Hydra does something else than training; leave those to Hydra.
+HYDRA_ONLY = (
+    "-h",
+    "--help",
+    "--hydra-help",
+    "--version",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--package",
+    "-p",
+    "--resolve",
+)
+
+
+def one_line(exc: Exception) -> str:
+    """Hydra's message, first line, plus the available options or the hint it gives."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    if any(line.startswith("Available options") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [
+            line
+            for line in lines[start + 1 :]
+            if not line.startswith(("Config search path", "provider="))
+        ]
+        message += f" (available: {', '.join(options)})"
+    hint = next((line for line in lines if line.startswith("To append to your config")), None)
+    return f"{message} {hint}." if hint else message
+
+
+def override_sets(argv: list[str]) -> tuple[list[list[str]], bool]:
+    """The override lists to compose (each sweep value once) and whether it is a multirun."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if a[:1] != "-"])
+    except Exception as exc:  # noqa: BLE001 - Hydra's parser raises several kinds
+        raise ConfigError(f"cannot read the command line: {one_line(exc)}") from exc
+    sweeps = [
+        (o.get_key_element(), list(o.sweep_string_iterator()))
+        for o in parsed
+        if o.is_sweep_override()
+    ]
+    if sweeps and not multirun:
+        key = sweeps[0][0]
+        raise ConfigError(
+            f"{key}={','.join(sweeps[0][1])} sweeps several values; add -m "
+            f"(--multirun) to run one job per value"
+        )
+    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    firsts = {key: values[0] for key, values in sweeps}
+    sets = [base + [f"{k}={v}" for k, v in firsts.items()]]
+    for key, values in sweeps:
+        for value in values[1:]:
+            sets.append(base + [f"{k}={value if k == key else v}" for k, v in firsts.items()])
+    return sets, multirun
+
+
+def check_writable(path: Path) -> None:
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(
+            f"cannot create the run directory {path}: {existing} is not a "
+            f"writable folder; set hydra.run.dir (hydra.sweep.dir with -m) or "
+            f"BNREPRO_LOG_DIR"
+        )
+
+
+def preflight(argv: list[str], config_dir: str, config_name: str = "train") -> None:
+    """Raise ConfigError for the first problem of the command line `argv`."""
+    if any(a.split("=")[0] in HYDRA_ONLY for a in argv):
+        return
+    sets, multirun = override_sets(argv)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            for overrides in sets:
+                try:
+                    cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+                except Exception as exc:  # noqa: BLE001 - every composition error alike
+                    raise ConfigError(one_line(exc)) from exc
+                check_config(cfg)
+                check_writable(Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+    finally:
+        GlobalHydra.instance().clear()

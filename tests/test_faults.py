@@ -1,0 +1,240 @@
+"""Faults and bad input, with real processes and real signals: exact resume after SIGKILL,
+preemption by SIGTERM/SIGUSR1, divergence, and one-line errors for bad command lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnrepro.checkpoint import load, save_atomic
+from bnrepro.data.mnist import RAW_FILES, raw_dir
+from bnrepro.preemption import EXIT_PREEMPTED
+
+from .conftest import REPO, run_train
+
+# Dropout and population statistics on: every RNG and both data iterators must be restored.
+RUN = [
+    "experiment=mnist/bn",
+    "dropout=inception",
+    "trainer.steps=3000",
+    "trainer.eval_every=250",
+    "trainer.checkpoint_every=500",
+    "model.bn.population_batches=20",
+]
+VARIANTS = {"plain": ["logger=wandb"], "stacked": ["seeds=[1,2]", "logger=none"]}
+
+
+def start_train(*overrides: str) -> subprocess.Popen:
+    env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnrepro.train", "trainer.progress=false", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never reached")
+
+
+def metrics_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("metrics.jsonl")}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert metrics_files(a) == metrics_files(b) and metrics_files(a)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_root, tmp_path_factory) -> dict[str, Path]:
+    """Each variant run twice from scratch: the same config and seed give identical files."""
+    dirs = {}
+    for name, extra in VARIANTS.items():
+        first, second = (tmp_path_factory.mktemp(f"{name}{i}") / "run" for i in (1, 2))
+        for run_dir in (first, second):
+            proc = run_train(
+                *RUN, *extra, f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}"
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        assert_same_run(first, second)
+        dirs[name] = first
+    return dirs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
+    variant, uninterrupted, mnist_root, tmp_path
+):
+    run_dir = tmp_path / "run"
+    args = [*RUN, *VARIANTS[variant], f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}"]
+    proc = start_train(*args)
+    metrics = run_dir / ("metrics.jsonl" if variant == "plain" else "seed1/metrics.jsonl")
+    wait_for_step(metrics, 1000, proc)
+    time.sleep(random.uniform(0.0, 0.6))  # somewhere in the next ~1,000 steps
+    proc.kill()
+    proc.wait()
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    resumed = run_train(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert_same_run(uninterrupted[variant], run_dir)
+    if variant == "plain":  # the W&B run continues under the same id
+        ids = {p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*")}
+        assert len(list(run_dir.glob("wandb/offline-run-*"))) == 2 and len(ids) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_for_requeue(
+    sig, uninterrupted, mnist_root, tmp_path
+):
+    run_dir = tmp_path / "run"
+    args = [*RUN, "logger=none", f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}"]
+    proc = start_train(*args)
+    wait_for_step(run_dir / "metrics.jsonl", 750, proc)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    checkpoint = load(run_dir / "checkpoints" / "last.pt")
+    assert summary["status"] == "preempted" and summary["steps"] == checkpoint["step"] >= 750
+    resumed = run_train(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert metrics_files(run_dir) == {
+        "metrics.jsonl": (uninterrupted["plain"] / "metrics.jsonl").read_bytes()
+    }
+
+
+def test_divergence_threshold_and_the_sweep_goes_on(mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        "experiment=mnist/baseline",
+        "trainer.diverge_loss=5",
+        "optim.lr=100,0.1",  # at lr 100 the loss jumps to ~150: finite, but a blow-up
+        "trainer.steps=200",
+        "trainer.eval_every=100",
+        "logger=none",
+        f"paths.data_dir={mnist_root}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert [s["status"] for s in summaries] == ["diverged", "completed"]
+    assert summaries[0]["diverged_at_step"] >= 1
+    last = json.loads((sweep / "0_baseline_seed1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == summaries[0]["diverged_at_step"] and last["train/loss"] > 5
+
+
+def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"version": 1, "step": 1}, path)
+
+    def torn_save(payload, f):
+        f.write(b"half a checkpoint")
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        save_atomic({"version": 1, "step": 2}, path)
+    assert load(path)["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.foo=1"], "error: Could not override 'trainer.foo'."),
+        (["model=foo"], "error: In 'train': Could not find 'model/foo' (available: bn_inception"),
+        (["optim.lr=abc"], "error: optim.lr='abc' is invalid: expected a positive number."),
+        (["data.batch_size=0"], "error: data.batch_size=0 is invalid: expected an integer >= 2."),
+        (["trainer.steps=-5"], "error: trainer.steps=-5 is invalid: expected a positive integer."),
+        (["model.bn.stats=foo"], "error: model.bn.stats='foo' is invalid: expected ema or"),
+        (["seed=1,2"], "error: seed=1,2 sweeps several values; add -m"),
+        (["-m", "optim.lr=0.1,0"], "error: optim.lr=0 is invalid"),
+        (["hydra.run.dir={file}/run"], "error: cannot create the run directory {file}/run"),
+    ],
+)
+def test_bad_command_lines_are_one_line_and_start_nothing(overrides, message, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    overrides = [o.format(file=a_file) for o in overrides]
+    if not any(o.startswith("hydra.") for o in overrides):
+        overrides += [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'run'}"]
+    script = shutil.which("bnrepro-train", path=str(Path(sys.executable).parent))
+    proc = subprocess.run(
+        [script, *overrides], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(file=a_file)), proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_idx_file_names_the_file_and_checksum(mnist_root, tmp_path):
+    raw = raw_dir(tmp_path)
+    raw.mkdir(parents=True)
+    for name in RAW_FILES:
+        (raw / name).symlink_to(raw_dir(mnist_root) / name)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(
+        (raw_dir(mnist_root) / "t10k-labels-idx1-ubyte").read_bytes()[:5000]
+    )
+    proc = run_train(
+        "experiment=mnist/bn", f"paths.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "t10k-labels-idx1-ubyte is corrupt" in last
+    assert "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2" in last
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_truncated_or_foreign_checkpoint_is_one_line(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "experiment=mnist/bn",
+        "debug=default",
+        "logger=none",
+        f"paths.data_dir={mnist_root}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    assert run_train(*args).returncode == 0
+    other = run_train(*args, "optim.lr=0.5")
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint {run_dir}/checkpoints/last.pt was written by a different config "
+        f"(optim.lr: 0.1 there, 0.5 now); use a new hydra.run.dir, or resume=never to overwrite"
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    broken = run_train(*args)
+    assert broken.returncode == 2
+    assert (
+        broken.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} is unreadable")
+    )
+    assert run_train(*args, "resume=never").returncode == 0  # the way out the message names
