@@ -12,7 +12,6 @@ figure3.md and figure3.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,13 @@ import matplotlib.pyplot as plt
 
 from bnrepro.plots import save
 from bnrepro.runs import find_runs
-from bnrepro.variants import arm_results, markdown_table, runs_from_wandb, table_rows
+from bnrepro.variants import (
+    arm_results,
+    markdown_table,
+    results_json,
+    runs_from_wandb,
+    table_rows,
+)
 
 METRIC = "val/top1"
 # Figure 3 of the paper: steps to 72.2 % and maximum single-crop top-1.
@@ -77,19 +82,7 @@ def main() -> int:
         f"by `python scripts/make_figure2.py`.\n\n" + table
     )
     (args.out / "figure3.json").write_text(
-        json.dumps(
-            {
-                "source": source_text,
-                "metric": METRIC,
-                "target": args.target,
-                "rows": rows,
-                "curves": {
-                    a: {"steps": r.steps, "top1": r.curve.tolist()} for a, r in results.items()
-                },
-            },
-            indent=2,
-        )
-        + "\n"
+        results_json(results, rows, METRIC, args.target, source=source_text)
     )
     print(table)
     print(f"wrote {args.out / 'figure2.png'}, figure3.md and figure3.json")

@@ -10,7 +10,6 @@ X % / max accuracy / diverged". Writes grid.png, grid.md and grid.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import matplotlib.pyplot as plt
 
 from bnrepro.plots import save
 from bnrepro.runs import find_runs
-from bnrepro.variants import arm_results, markdown_table, table_rows
+from bnrepro.variants import arm_results, markdown_table, results_json, table_rows
 
 COMMAND = "make reproduce-mnist-grid"
 METRIC = "test/acc"
@@ -82,19 +81,7 @@ def main() -> int:
         + table
     )
     (args.out / "grid.json").write_text(
-        json.dumps(
-            {
-                "command": COMMAND,
-                "metric": METRIC,
-                "target": args.target,
-                "rows": rows,
-                "curves": {
-                    a: {"steps": r.steps, "acc": r.curve.tolist()} for a, r in results.items()
-                },
-            },
-            indent=2,
-        )
-        + "\n"
+        results_json(results, rows, METRIC, args.target, command=COMMAND)
     )
     print(table)
     print(f"wrote {args.out / 'grid.png'}, grid.md and grid.json")

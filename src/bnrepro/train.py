@@ -49,6 +49,7 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
     return one summary per network."""
     run_dir = Path(broadcast_object(env, cfg.paths.output_dir))  # rank 0's timestamped dir
     torch.set_num_threads(cfg.trainer.num_threads)
+    torch.set_flush_denormal(cfg.trainer.flush_denormal)
     task = build_task(cfg, env)
     network, model = build_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optim)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,19 @@ def table_rows(results: dict[str, ArmResult], target: float) -> list[dict[str, A
         }
         for r in results.values()
     ]
+
+
+def results_json(
+    results: dict[str, ArmResult],
+    rows: list[dict[str, Any]],
+    metric: str,
+    target: float,
+    **about: Any,
+) -> str:
+    """The table's rows and the plotted curves, as the figure scripts store them."""
+    curves = {a: {"steps": r.steps, metric: r.curve.tolist()} for a, r in results.items()}
+    payload = about | {"metric": metric, "target": target, "rows": rows, "curves": curves}
+    return json.dumps(payload, indent=2) + "\n"
 
 
 def markdown_table(rows: list[dict[str, Any]], target: float, extra: dict | None = None) -> str:
