@@ -22,7 +22,7 @@ GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,ince
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
-		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
 
