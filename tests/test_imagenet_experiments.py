@@ -89,7 +89,8 @@ def test_missing_imagenet_is_one_line(tmp_path):
     assert last.startswith("error: ImageNet not usable at") and "IMAGENET_DIR" in last
 
 
-def test_torchrun_two_processes_keep_replicas_identical(fake_imagenet, tmp_path):
+@pytest.mark.parametrize("experiment", IMAGENET_EXPERIMENTS)
+def test_torchrun_two_processes_keep_replicas_identical(experiment, fake_imagenet, tmp_path):
     run_dir = tmp_path / "ddp"
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -101,7 +102,7 @@ def test_torchrun_two_processes_keep_replicas_identical(fake_imagenet, tmp_path)
             "--nproc_per_node=2",
             "-m",
             "bnrepro.train",
-            "experiment=imagenet/bn_x5",
+            f"experiment=imagenet/{experiment}",
             f"paths.imagenet_dir={fake_imagenet}",
             *SMALL,
             "trainer.steps=4",
