@@ -88,10 +88,6 @@ def sum_across_ranks(env: DistEnv, values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def mean_across_ranks(env: DistEnv, value: float) -> float:
-    return sum_across_ranks(env, [value])[0] / env.world_size
-
-
 def replicas_in_sync(env: DistEnv, model: nn.Module) -> bool:
     """Whether every rank holds bit-identical parameters and buffers (DDP's promise).
 

@@ -17,6 +17,10 @@ from bnrepro.distributed import DistEnv
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
+# Population statistics draw their own batches, seeded apart from the training order, so a
+# seed's training data order is the same whichever BN statistics mode is chosen.
+POPULATION_SEED_OFFSET = 1_000_003
+
 
 @dataclass
 class Task:

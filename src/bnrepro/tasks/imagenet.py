@@ -10,9 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bnrepro.data.imagenet import build_imagenet, build_loaders, topk_correct
 from bnrepro.distributed import DistEnv, sum_across_ranks
-from bnrepro.tasks import Batches, Task
-
-POPULATION_SEED_OFFSET = 1_000_003
+from bnrepro.tasks import POPULATION_SEED_OFFSET, Batches, Task
 
 
 def on_device(loader: DataLoader, device: torch.device, channels_last: bool) -> Batches:

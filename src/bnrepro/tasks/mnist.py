@@ -14,11 +14,7 @@ from torch import nn
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import load_mnist
 from bnrepro.distributed import DistEnv
-from bnrepro.tasks import Task
-
-# Population statistics draw their own batches so that the training order of a seed is the
-# same whichever BN statistics mode is chosen.
-POPULATION_SEED_OFFSET = 1_000_003
+from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
 
 
 def build_mnist_task(cfg: DictConfig, env: DistEnv) -> Task:
