@@ -8,11 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from bnrepro.choices import ACTIVATION_NAMES, DEVICES, NORMS, STATS_MODES
 from bnrepro.errors import ConfigError
-from bnrepro.models.batchnorm import STATS_MODES
-from bnrepro.models.mlp import ACTIVATIONS, NORMS
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def repo_root() -> str:
@@ -72,7 +69,7 @@ def check_config(cfg: DictConfig) -> None:
         # BN in training mode needs at least two values per activation to have a variance.
         ("data.batch_size", lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
         ("optim.lr", lambda v: _is_number(v) and v > 0, "a positive number"),
-        ("model.activation", *_one_of(tuple(ACTIVATIONS))),
+        ("model.activation", *_one_of(ACTIVATION_NAMES)),
         ("model.norm", *_one_of(NORMS)),
         ("model.bn.stats", *_one_of(STATS_MODES)),
         ("model.dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),

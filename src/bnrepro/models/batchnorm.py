@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-STATS_MODES = ("ema", "cumulative", "population")
+from bnrepro.choices import STATS_MODES
 
 
 def make_batchnorm(

@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bnrepro.choices import NORMS
 from bnrepro.models.batchnorm import make_batchnorm
-from bnrepro.models.mlp import ACTIVATIONS, NORMS
+from bnrepro.models.mlp import ACTIVATIONS
 
 # The appendix table, one row per Inception module: #1x1, #3x3 reduce, #3x3, double #3x3
 # reduce, double #3x3, pool type, pool projection (0 = pass through), stride. 4c and 4d's

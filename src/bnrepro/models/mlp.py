@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from bnrepro.choices import ACTIVATION_NAMES, NORMS
 from bnrepro.models.batchnorm import make_batchnorm
 
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
-NORMS = ("none", "bn")
+ACTIVATIONS = dict(zip(ACTIVATION_NAMES, (nn.Sigmoid, nn.ReLU), strict=True))
 
 
 class MLP(nn.Module):
