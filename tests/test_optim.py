@@ -38,3 +38,20 @@ def test_exponential_decay_every_n_steps():
         scheduler.step_batch()
     assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025])
     assert build_scheduler(optimizer, CFG | {"schedule": None}) is None
+
+
+def test_fused_sgd_gives_the_same_weights_as_the_loop():
+    # configs/optim/sgd.yaml turns on the fused update for speed; it must not move a bit.
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = MLP(norm="bn", bn={"stats": "ema"})
+        optimizer = build_optimizer(model, CFG | {"momentum": 0.0, "fused": fused})
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for _ in range(5):
+            x, y = torch.rand(60, 784), torch.randint(0, 10, (60,))
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))

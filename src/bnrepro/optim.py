@@ -19,7 +19,11 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.SGD
     if norm_params:
         groups.append({"params": norm_params, "weight_decay": cfg["norm_weight_decay"]})
     return torch.optim.SGD(
-        groups, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg.get("nesterov", False)
+        groups,
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        nesterov=cfg.get("nesterov", False),
+        fused=cfg.get("fused") or None,
     )
 
 
