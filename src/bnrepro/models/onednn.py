@@ -2,9 +2,10 @@
 
 torch's fp32 CPU matmul calls MKL's sgemm, which on AMD CPUs runs its AVX2 kernels; oneDNN
 (the library torch's inductor backend calls for linear layers) picks its kernels from the
-CPU's features. On the AMD EPYC (AVX-512) machines this suite is benchmarked on, oneDNN
-computes the Figure-1 MLP's first layer 1.6-1.8x faster (scripts/bench_mnist.py). Both are
-plain fp32 products; they differ only in the order of their sums.
+CPU's features. On the AMD EPYC (AVX-512) machine this suite is benchmarked on, one member's
+first-layer products ran at 164 against 99 GFLOP/s (forward, 60x784 @ 784x100) and 194
+against 110 (weight gradient), one thread each. Both are plain fp32 products; they differ
+only in the order of their sums.
 
 torch exposes oneDNN's fp32 matmul only as the inductor op `mkldnn::_linear_pointwise`, which
 has no autograd formula and does not check its arguments, so it is reached only through

@@ -25,7 +25,7 @@ class StackedLinear(nn.Module):
 
     Each member's weight is a parameter of its own: oneDNN's per-member products then hand
     each member its gradient as it is, where one (M, out, in) weight would need them stacked
-    (a 1.5 MB copy per step in the first layer, 5% of the step).
+    (a 1.5 MB copy per step in the first layer).
     """
 
     def __init__(self, members: int, in_features: int, out_features: int, bias: bool) -> None:
