@@ -1,6 +1,6 @@
 """How fast the Figure-1 MLP trains here, all measured in one run so the ratios are fair.
 
-    python scripts/bench_mnist.py            # `make bench`; about 9 minutes on 2 cores
+    python scripts/bench_mnist.py            # `make bench`; 7 to 10 minutes on 2 cores
 
 Three ways to train the network without and with BN, each for the paper's whole run of
 50,000 steps (the unit a researcher waits for; a network's speed changes during training,
