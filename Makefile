@@ -26,7 +26,7 @@ help: ## Show this help
 
 install: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml src/bnrepro/_mkl_intel_cpu.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)

@@ -6,7 +6,9 @@ Three ways to train the network without and with BN, each for the paper's whole 
 50,000 steps (the unit a researcher waits for; a network's speed changes during training,
 e.g. when its gradients turn subnormal):
 (1) a reference loop over a torchvision DataLoader, (2) a plain in-memory eager loop (the
-whole dataset in a tensor, one model, torch's defaults), both timed over the whole run;
+whole dataset in a tensor, one model, torch's defaults), both timed over the whole run, and
+(2b) the same in-memory loop with MKL's vendor check skipped as the trainer does
+(bnrepro/mkl_vendor.py), to show how much of the gap is kernels and how much the trainer;
 (3) the project's trainer, as the default `make reproduce-mnist` runs it: 5 seeds stacked per
 job, the two jobs side by side, one per core. Its ms per model-step is a job's training time
 (as logged between evaluations, like for like with the reference loops, which evaluate
@@ -95,8 +97,33 @@ def in_memory_loop(root: str, norm: str, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def reproduce_mnist(root: str, scratch: Path) -> tuple[float, list[RunRecord]]:
-    """Wall seconds of the default `make reproduce-mnist`, run into `scratch`, and its runs."""
+def in_memory_loop_all_kernels(root: str, norm: str, steps: int) -> float:
+    """`in_memory_loop` in a fresh process that skips MKL's vendor check before torch loads
+    (here torch is loaded already, with MKL's default kernels)."""
+    code = (
+        "import sys; from bnrepro.mkl_vendor import skip_vendor_check; "
+        "print(skip_vendor_check(), file=sys.stderr); sys.path.insert(0, sys.argv[1]); "
+        "import bench_mnist; print(bench_mnist.in_memory_loop(*sys.argv[2:4], int(sys.argv[4])))"
+    )
+    args = [sys.executable, "-c", code, str(Path(__file__).parent), root, norm, str(steps)]
+    out = subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return float(out.split()[-1])
+
+
+def mkl_line(sweep: Path) -> str:
+    """What the trainer's jobs logged about MKL's kernels (bnrepro/mkl_vendor.py)."""
+    lines = {
+        line.split(" - ", 1)[-1]
+        for log in sweep.glob("*/train.log")
+        for line in log.read_text().splitlines()
+        if "MKL kernels:" in line
+    }
+    return "; ".join(sorted(lines)) or "not logged"
+
+
+def reproduce_mnist(root: str, scratch: Path) -> tuple[float, list[RunRecord], str]:
+    """Wall seconds of the default `make reproduce-mnist`, run into `scratch`, its runs and
+    what its jobs logged about MKL's kernels."""
     sweep = scratch / "sweep"
     command = [
         "make",
@@ -112,7 +139,7 @@ def reproduce_mnist(root: str, scratch: Path) -> tuple[float, list[RunRecord]]:
     runs = find_runs(sweep)
     if len(runs) != 10 or any(r.summary["status"] != "completed" for r in runs):
         raise SystemExit(f"make reproduce-mnist did not complete its 10 runs in {sweep}")
-    return wall, runs
+    return wall, runs, mkl_line(sweep)
 
 
 def trainer_ms(runs: list[RunRecord], arm: str, parallel_jobs: int = 2) -> tuple[float, float]:
@@ -156,10 +183,12 @@ def main() -> int:
         loops[arm] = {
             "dataloader_ms": dataloader_loop(args.data_dir, norm, args.steps) * 1e3,
             "in_memory_ms": in_memory_loop(args.data_dir, norm, args.steps) * 1e3,
+            "in_memory_all_kernels_ms": in_memory_loop_all_kernels(args.data_dir, norm, args.steps)
+            * 1e3,
         }
         print(f"{arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in loops[arm].items()), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        wall, runs = reproduce_mnist(args.data_dir, Path(tmp))
+        wall, runs, trainer_mkl = reproduce_mnist(args.data_dir, Path(tmp))
         trainer = {arm: trainer_ms(runs, arm) for arm in loops}  # reads the runs' perf.jsonl
     rows = {}
     for arm, loop in loops.items():
@@ -168,6 +197,7 @@ def main() -> int:
             "trainer_ms": trainer_training,
             "trainer_with_evaluations_ms": trainer_everything,
             "trainer_vs_in_memory": loop["in_memory_ms"] / trainer_training,
+            "trainer_vs_in_memory_all_kernels": loop["in_memory_all_kernels_ms"] / trainer_training,
             "trainer_vs_dataloader": loop["dataloader_ms"] / trainer_training,
         }
     peaks = {r.arm: r.summary["peak_rss_mb"] for r in runs}  # per job process
@@ -175,6 +205,7 @@ def main() -> int:
         "machine": machine(),
         "reference_loop_steps": args.steps,
         "torch_threads_reference_loops": torch.get_num_threads(),
+        "trainer_mkl": trainer_mkl,
         "rows": rows,
         "reproduce_mnist_wall_s": wall,
         # Each job reports its process's peak; the two jobs ran side by side.
@@ -200,8 +231,10 @@ def markdown(r: dict) -> str:
         "",
         f"Machine: {r['machine']}. Command: `{r['command']}`; all numbers from one run.",
         f"Reference loops: {r['reference_loop_steps']:,} steps each, one model, "
-        f"{r['torch_threads_reference_loops']} torch threads, timed over the whole run. Trainer: "
-        "`make reproduce-mnist` (5 stacked seeds per job, 2 jobs side by side); machine-wide ms "
+        f"{r['torch_threads_reference_loops']} torch threads, timed over the whole run, torch's "
+        "default kernels unless the row says otherwise. Trainer: "
+        "`make reproduce-mnist` (5 stacked seeds per job, 2 jobs side by side; its jobs logged "
+        f'"{r["trainer_mkl"]}"); machine-wide ms '
         "per model-step = the job's training seconds (perf.jsonl, between evaluations) / "
         "model-steps / 2; in brackets the same from the job's whole wall time, evaluations, "
         "probes, checkpoints, W&B and plots included.",
@@ -212,6 +245,10 @@ def markdown(r: dict) -> str:
     names = {
         "dataloader_ms": ("torchvision DataLoader, 1 model", "trainer_vs_dataloader"),
         "in_memory_ms": ("in-memory eager, 1 model", "trainer_vs_in_memory"),
+        "in_memory_all_kernels_ms": (
+            "in-memory eager, 1 model, MKL vendor check skipped (not a target)",
+            "trainer_vs_in_memory_all_kernels",
+        ),
         "trainer_ms": ("bnrepro trainer (make reproduce-mnist)", None),
     }
     for arm, row in r["rows"].items():

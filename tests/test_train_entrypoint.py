@@ -52,6 +52,7 @@ def test_single_run_writes_the_run_directory_contract(mnist_root, tmp_path):
     wandb_files = offline_runs(run_dir)
     assert len(wandb_files) == 1 and wandb_files[0].stat().st_size > 0
     assert (run_dir / "run.png").stat().st_size > 0
+    assert "MKL kernels:" in (run_dir / "train.log").read_text()  # the kernel choice, logged
 
 
 def test_multirun_gives_one_directory_and_one_wandb_run_per_job(mnist_root, tmp_path):

@@ -11,6 +11,7 @@ The job itself (`bnrepro.job.train`) is imported in the process that runs it.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from omegaconf import DictConfig
 
 from bnrepro.config import check_config, register_resolvers
 from bnrepro.errors import UserError
+from bnrepro.mkl_vendor import skip_vendor_check
 from bnrepro.preflight import preflight
 
 register_resolvers()
+log = logging.getLogger("bnrepro.train")
 # An absolute path, so `python -m bnrepro.train` and the `bnrepro-train` script find the same
 # configs (the package is installed editable from the checkout).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -29,6 +32,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    if cfg.trainer.mkl_skip_vendor_check:  # before torch is imported, or it cannot take
+        log.info(skip_vendor_check())
     from bnrepro.distributed import init_distributed, shutdown
     from bnrepro.job import train
 

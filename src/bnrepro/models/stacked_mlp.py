@@ -2,10 +2,9 @@
 
 Member i of a StackedMLP computes exactly what an `MLP` with member i's weights computes;
 the members share nothing but the kernels. Activations are kept feature-major, (M, F, B):
-each layer multiplies W_i (out, in) @ h_i (in, B) for every member i (one oneDNN product per
-member for the large first layer, one batched MKL call for the small ones), and BN is torch's
-own kernel on the free view (1, M*F, B), one channel per member and feature with statistics
-over the B examples, so no layer transposes anything and members never mix.
+each layer is one batched matrix product W (M, out, in) @ h (M, in, B), and BN is torch's own
+kernel on the free view (1, M*F, B), one channel per member and feature with statistics over
+the B examples, so no layer copies or transposes anything and members never mix.
 """
 
 from __future__ import annotations
@@ -16,41 +15,25 @@ import torch
 from torch import Tensor, nn
 
 from bnrepro.choices import STATS_MODES
-from bnrepro.models import onednn
 from bnrepro.models.mlp import ACTIVATIONS, MLP
 
 
 class StackedLinear(nn.Module):
-    """`members` independent Linear layers on feature-major input: (M, in, B) -> (M, out, B).
-
-    Each member's weight is a parameter of its own: oneDNN's per-member products then hand
-    each member its gradient as it is, where one (M, out, in) weight would need them stacked
-    (a 1.5 MB copy per step in the first layer).
-    """
+    """`members` independent Linear layers on feature-major input: (M, in, B) -> (M, out, B)."""
 
     def __init__(self, members: int, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
-        self.weights = nn.ParameterList(
-            torch.empty(out_features, in_features) for _ in range(members)
-        )
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(members, out_features, 1)) if bias else None
 
     def forward(self, h: Tensor) -> Tensor:
-        weights = list(self.weights)
-        (out, inner), batch = weights[0].shape, h.shape[-1]
-        fast = onednn.available(weights[0], h) and onednn.worth_it(out, inner, batch)
-        if h.dim() == 2:  # one (in, B) input for every member: a single large product
-            weight = torch.cat(weights)
-            y = onednn.mm(weight, h) if fast else torch.matmul(weight, h)
-            y = y.view(len(weights), out, batch)
-        elif fast:
-            y = onednn.MemberMatmuls.apply(h, *weights)
-        else:  # small products: one batched MKL call beats a oneDNN call per member
-            weight = torch.stack(weights)
-            if self.bias is not None:
-                return torch.baddbmm(self.bias, weight, h)
-            return torch.bmm(weight, h)
-        return y if self.bias is None else y + self.bias
+        members, out, _ = self.weight.shape
+        if h.dim() == 2:  # one (in, B) input for every member: a single large matmul
+            y = torch.matmul(self.weight.flatten(0, 1), h).view(members, out, -1)
+            return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return torch.bmm(self.weight, h)
+        return torch.baddbmm(self.bias, self.weight, h)
 
 
 class StackedBatchNorm(nn.BatchNorm1d):
@@ -138,7 +121,7 @@ class StackedMLP(nn.Module):
         pairs = [(self.classifier, mlp.classifier)]
         pairs += [(self.layers[n].linear, mlp.layers[n].linear) for n in self.layers]
         for stacked, plain in pairs:
-            stacked.weights[i].copy_(plain.weight)
+            stacked.weight[i].copy_(plain.weight)
             if stacked.bias is not None:
                 stacked.bias[i, :, 0].copy_(plain.bias)
         for name, block in self.layers.items():
