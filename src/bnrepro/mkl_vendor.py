@@ -1,4 +1,4 @@
-"""Let MKL use the AVX-512 kernels of an AMD CPU (2x faster fp32 matmuls on this suite's machine).
+"""Let MKL use the AVX-512 kernels of an AMD CPU (over 2x faster fp32 matmuls on this machine).
 
 torch's fp32 CPU matmuls (`@`, `bmm`, `nn.Linear`) call MKL's sgemm, and MKL picks its kernels
 by CPU vendor: on AMD it runs its AVX2 code even on CPUs with AVX-512 (Zen 4 and 5). It asks
@@ -9,8 +9,8 @@ benchmarked on, one thread: 215 against 88 GFLOP/s for the MLP's first layer (60
 and 188 against 82 for its 100x100 layers. Only the kernels change, so results change only in
 the order of float sums.
 
-It must run before `import torch` (once MKL has resolved the function it keeps its answer),
-so the trainer calls it first thing in each job, and it is a no-op on other vendors, without
+It must run before `import torch` (loaded after, it changed nothing here), so the trainer
+calls it first thing in each job, and it is a no-op on other vendors, without
 the compiled library (no C compiler at install) or when turned off:
 `trainer.mkl_skip_vendor_check=false`.
 """
