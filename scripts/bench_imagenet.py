@@ -6,12 +6,14 @@
 Measures images/s of full training steps (forward, backward, SGD) after warm-up, eager and
 torch.compile, for both networks under the same settings, all in one run so the ratios are
 fair. Writes results/bench/imagenet_<device>.md and .json with the machine described.
+scripts/bench_gpu.py reuses `measure_training` for its wider GPU benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -30,6 +32,69 @@ def make_model(name: str) -> torch.nn.Module:
     return googlenet(weights=None, aux_logits=False, init_weights=True)
 
 
+def measure_training(
+    name: str,
+    device: torch.device,
+    batch: int,
+    size: int,
+    compile_mode: str | None = None,
+    warmup: int = 10,
+    steps: int | None = None,
+    seconds: float = 3.0,
+) -> dict[str, float]:
+    """Images/s of full training steps (forward, backward, SGD with momentum) after warm-up.
+
+    On GPU: bf16 autocast and channels_last, as the trainer runs them. `compile_mode`: None
+    (eager) or a torch.compile mode ("default", "reduce-overhead" = CUDA graphs). The first
+    step (compilation, cuDNN's algorithm search) is timed on its own as `first_step_s`. With
+    `steps` None the timed steps are as many as fill about `seconds` (at least 10).
+    """
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    model = make_model(name).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9)
+    step_model = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+    graphs = compile_mode == "reduce-overhead"
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(step_model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def timed(n: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    first = timed(1)  # includes compilation
+    rest = timed(warmup - 1) if warmup > 1 else 0.0
+    if steps is None:  # calibrate: enough steps to fill `seconds`, timing noise aside
+        per_step = timed(5) / 5
+        steps = max(10, min(2000, math.ceil(seconds / max(per_step, 1e-6))))
+    elapsed = timed(steps)
+    return {
+        "images_per_s": batch * steps / elapsed,
+        "first_step_s": first,
+        "warmup_s": first + rest,
+        "steps": steps,
+        "timed_s": elapsed,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+    }
+
+
 def images_per_second(
     name: str,
     compiled: bool,
@@ -39,31 +104,8 @@ def images_per_second(
     steps: int,
     warmup: int,
 ) -> float:
-    cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    model = make_model(name).to(device, memory_format=memory_format).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.045, momentum=0.9)
-    step_model = torch.compile(model) if compiled else model
-    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
-    y = torch.randint(0, 1000, (batch,), device=device)
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(step_model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(warmup):  # includes compilation
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
+    mode = "default" if compiled else None
+    return measure_training(name, device, batch, size, mode, warmup, steps)["images_per_s"]
 
 
 def describe(device: torch.device) -> str:

@@ -85,6 +85,7 @@ def build(runs: list[RunRecord], out: Path) -> dict:
         raise SystemExit(f"error: no runs of arm(s) {missing}; run `{COMMAND}` first")
     layer = last_hidden_layer(runs[0])
     trace_seed = min(r.seed for r in runs)
+    devices = sorted({r.summary["device"] for r in runs if "device" in r.summary})
     result: dict = {
         "command": COMMAND,
         "layer": layer,
@@ -92,6 +93,8 @@ def build(runs: list[RunRecord], out: Path) -> dict:
         "arms": {},
         "plotted": {},
     }
+    if devices:  # summaries record the device since the GPU path came (issue 10)
+        result["device"] = ", ".join(devices)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for arm, title in ARMS.items():
@@ -149,6 +152,7 @@ def build(runs: list[RunRecord], out: Path) -> dict:
 
 def results_table(result: dict) -> str:
     """results/mnist/README.md: the numbers of figure1.json and the command that made them."""
+    on_device = f" on {result['device']}" if "device" in result else ""
     rows = []
     for arm, title in ARMS.items():
         s = result["arms"][arm]
@@ -165,7 +169,8 @@ def results_table(result: dict) -> str:
             "",
             "![Figure 1](figure1.png)",
             "",
-            f"Made by `{result['command']}` (runs in `runs/`, plotted numbers in `figure1.json`;",
+            f"Made by `{result['command']}`{on_device} (runs in `runs/`, plotted numbers in "
+            "`figure1.json`;",
             "`make figures` rebuilds both from `runs/`). Accuracy in %, mean ± std over seeds;",
             f"drift = |last - first evaluation| of the {result['layer']} unit's input median (p50)",
             "and 15-85 spread (p85 - p15); range = max - min over all evaluations; mean ± std",

@@ -16,6 +16,18 @@ from bnrepro.data.mnist import RAW_FILES, raw_dir, sha256_of
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked gpu are skipped, not failed, on a machine without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (make test-gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """The real MNIST (DATA_DIR). Skipped on a developer's machine without it; in CI it must be

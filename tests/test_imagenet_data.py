@@ -10,22 +10,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import DistributedSampler, TensorDataset
+from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.data.imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    EndlessShards,
     build_imagenet,
-    build_loaders,
+    build_val_loader,
     check_imagefolder,
     eval_transform,
+    normalize_batch,
+    resolve_decode,
+    sample_seed,
     topk_correct,
     train_transform,
 )
-from bnrepro.errors import DataError
+from bnrepro.distributed import DistEnv
+from bnrepro.errors import ConfigError, DataError
+from bnrepro.tasks.imagenet import build_imagenet_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,16 +54,31 @@ def a_picture() -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB")
 
 
-def test_build_imagenet_gives_normalized_crops(fake_root):
+def test_build_imagenet_gives_files_and_uint8_val_crops(fake_root):
     train, val = build_imagenet(fake_root, image_size=32)
     assert len(train) == 24 and len(val) == 12
     assert train.class_to_idx == val.class_to_idx == {"class_00": 0, "class_01": 1, "class_02": 2}
-    x, y = train[5]
-    assert type(x) is torch.Tensor and x.dtype == torch.float32 and x.shape == (3, 32, 32)
-    assert 0 <= y < 3
+    assert train.transform is None  # the training batches read and augment the files
     xv, yv = val[11]
-    assert xv.shape == (3, 32, 32) and yv == 2
-    assert x.min() < 0 < x.max()  # normalized, not in [0, 1]
+    assert type(xv) is torch.Tensor and xv.dtype == torch.uint8 and xv.shape == (3, 32, 32)
+    assert yv == 2
+    x = normalize_batch(xv[None], torch.device("cpu"))
+    assert x.dtype == torch.float32 and x.min() < 0 < x.max()  # normalized, not in [0, 1]
+
+
+def test_normalize_batch_equals_todtype_and_normalize():
+    images = torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8)
+    images[0, :, 0, 0] = 0
+    images[0, :, 0, 1] = 255
+    old = v2.Compose(
+        [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+    expected = torch.stack([old(image) for image in images])
+    x = normalize_batch(images, torch.device("cpu"))
+    assert x.dtype == torch.float32 and x.shape == images.shape
+    assert (x - expected).abs().max() <= 1e-6
+    nhwc = normalize_batch(images, torch.device("cpu"), channels_last=True)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, x)
 
 
 def test_fake_images_are_deterministic_and_classes_differ(fake_root, tmp_path):
@@ -128,9 +150,16 @@ def test_photometric_strength_sets_the_color_jitter():
     (half,) = _jitters(train_transform(32, photometric=0.5))
     assert half.brightness == pytest.approx((0.8, 1.2))
     steps = [type(t) for t in train_transform(32).transforms]
-    assert steps[:2] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip]
-    (normalize,) = [t for t in train_transform(32).transforms if isinstance(t, v2.Normalize)]
-    assert tuple(normalize.mean) == IMAGENET_MEAN and tuple(normalize.std) == IMAGENET_STD
+    assert steps == [
+        v2.RandomResizedCrop,
+        v2.RandomHorizontalFlip,
+        v2.ColorJitter,
+        v2.ToImage,
+        v2.ToPureTensor,
+    ]  # uint8 out: no ToDtype or Normalize in the workers (normalize_batch does it)
+    crop = train_transform(32, scale=(0.3, 0.5)).transforms[0]
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.scale == (0.3, 0.5)
+    assert crop.ratio == (3 / 4, 4 / 3)
 
 
 def test_eval_transform_is_one_deterministic_centre_crop():
@@ -162,60 +191,73 @@ def labels_of(loader) -> list[int]:
     return [int(y) for _, batch in loader for y in batch]
 
 
-def test_train_loader_drops_the_incomplete_batch(fake_root):
-    train, val = build_imagenet(fake_root, image_size=32)
-    train_loader, val_loader, sampler = build_loaders(train, val, batch_size=5, workers=0, seed=0)
-    assert sampler is None
-    batches = list(train_loader)
-    assert len(batches) == 24 // 5
-    assert all(x.shape == (5, 3, 32, 32) and y.shape == (5,) for x, y in batches)
-    assert sum(len(y) for _, y in val_loader) == 12  # validation keeps every image
+def test_epochs_are_cut_to_whole_batches():
+    sampler = EndlessShards(24, batch_size=5, seed=0)
+    assert sampler.batches_per_epoch == 4
+    stream = iter(sampler)
+    first = [next(stream) for _ in range(20)]
+    assert [index for index, _ in first] == sampler.epoch_indices(0)  # 20 of 24, in order
+    assert len({index for index, _ in first}) == 20
+    second = [next(stream)[0] for _ in range(20)]
+    assert second == sampler.epoch_indices(1) and second != sampler.epoch_indices(0)
 
 
 def test_same_seed_same_order_other_seed_other_order():
-    data = indexed(40)
-    orders = [
-        labels_of(build_loaders(data, data, batch_size=4, workers=0, seed=s)[0]) for s in (7, 7, 8)
-    ]
+    orders = [EndlessShards(40, 4, seed=s).epoch_indices(0) for s in (7, 7, 8)]
     assert orders[0] == orders[1]
     assert orders[0] != orders[2]
     assert orders[0] != sorted(orders[0])  # shuffled
-    _, val_loader, _ = build_loaders(data, data, batch_size=4, workers=0, seed=7)
-    assert labels_of(val_loader) == list(range(40))  # validation in file order
 
 
-def test_workers_persist_between_epochs():
-    data = indexed(8)
-    train_loader, val_loader, _ = build_loaders(data, data, batch_size=2, workers=1, seed=0)
-    assert train_loader.persistent_workers and val_loader.persistent_workers
-    train_loader, _, _ = build_loaders(data, data, batch_size=2, workers=0, seed=0)
-    assert not train_loader.persistent_workers
+def test_sample_seeds_depend_on_seed_epoch_and_index_only():
+    seeds = {sample_seed(s, e, i) for s in (1, 2) for e in (0, 1) for i in range(50)}
+    assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(1, 0, 3) == sample_seed(1, 0, 3)
+    starts = [EndlessShards(40, 4, seed=3, world_size=2, rank=r) for r in (0, 1)]
+    for sampler in starts:
+        sampler.start_at(2, 1)
+        index, seed = next(iter(sampler))
+        assert index == sampler.epoch_indices(2)[4] and seed == sample_seed(3, 2, index)
 
 
-def test_distributed_shards_are_disjoint_without_a_process_group():
-    assert not torch.distributed.is_initialized()
-    data = indexed(21)
-    shards, val_shards = [], []
-    for rank in (0, 1):
-        train_loader, val_loader, sampler = build_loaders(
-            data, data, batch_size=2, workers=0, seed=3, world_size=2, rank=rank
-        )
-        assert isinstance(sampler, DistributedSampler) and train_loader.sampler is sampler
-        shards.append(labels_of(train_loader))
-        val_shards.append(labels_of(val_loader))
-        before = list(sampler)
-        sampler.set_epoch(1)
-        assert list(sampler) != before
-    assert len(shards[0]) == len(shards[1]) == 10  # 21 // 2 per rank, 5 full batches of 2
-    assert not set(shards[0]) & set(shards[1])
-    assert len(set(shards[0]) | set(shards[1])) == 20  # all but the one dropped remainder
-    assert set(val_shards[0]) | set(val_shards[1]) == set(range(21))
+def test_val_loader_keeps_every_image_in_file_order():
+    data = indexed(13)
+    loader = build_val_loader(data, batch_size=4, workers=0)
+    assert labels_of(loader) == list(range(13))
+    assert build_val_loader(data, batch_size=4, workers=1).persistent_workers
+    shards = [
+        labels_of(build_val_loader(data, batch_size=4, workers=0, world_size=2, rank=r))
+        for r in (0, 1)
+    ]
+    assert set(shards[0]) | set(shards[1]) == set(range(13))
 
 
 def test_too_few_images_for_one_batch_is_a_data_error():
-    data = indexed(5)
     with pytest.raises(DataError, match="lower batch_size"):
-        build_loaders(data, data, batch_size=4, workers=0, seed=0, world_size=2, rank=0)
+        EndlessShards(5, batch_size=4, seed=0, world_size=2, rank=0)
+
+
+def test_decode_modes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_decode("auto", cpu) == "workers" and resolve_decode("auto", cuda) == "device"
+    assert (
+        resolve_decode("device", cpu) == "device" and resolve_decode("workers", cuda) == "workers"
+    )
+
+
+def test_bad_decode_is_one_config_error_before_any_file_is_read(tmp_path):
+    cfg = OmegaConf.create(
+        {
+            "seed": 1,
+            "data": {"root": str(tmp_path / "nowhere"), "decode": "gpu", "image_size": 32},
+            "trainer": {"channels_last": False},
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        build_imagenet_task(cfg, DistEnv())
+    message = str(err.value)
+    assert "\n" not in message and "data.decode='gpu'" in message
+    assert "auto, workers, device" in message
 
 
 def test_topk_correct_counts():

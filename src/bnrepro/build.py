@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from bnrepro.distributed import DistEnv, wrap_model
 from bnrepro.engine import LoopSettings
+from bnrepro.errors import ConfigError
 from bnrepro.models.stacked_mlp import StackedMLP
 
 
@@ -35,9 +36,38 @@ def loop_settings(cfg: DictConfig, env: DistEnv) -> LoopSettings:
         progress=cfg.trainer.progress,
         checkpoint_every=cfg.trainer.checkpoint_every,
         diverge_loss=cfg.trainer.diverge_loss,
+        sync_every=cfg.trainer.sync_every,
+        cuda_graph=use_cuda_graph(cfg, env),
+        dist_bn=cfg.trainer.dist_bn,
         progress_desc=f"{cfg.arm} seed{'s' if cfg.seeds else ''} "
         + ",".join(map(str, cfg.seeds or [cfg.seed])),
     )
+
+
+def use_cuda_graph(cfg: DictConfig, env: DistEnv) -> bool:
+    """Whether the training step is captured in a CUDA graph (graph_step.py says what that
+    needs): `auto` where it can be, `true` insists (one line when it cannot), `false` never."""
+    wanted = cfg.trainer.cuda_graph
+    if wanted is False:
+        return False
+    obstacles = [
+        (env.device.type != "cuda", "the device is not a GPU"),
+        (env.enabled, "the job runs under torchrun (DDP)"),
+        (cfg.trainer.compile, "trainer.compile=true"),
+        (env.device.type == "cuda" and cfg.trainer.amp == "bf16", "trainer.amp=bf16"),
+        (bool(cfg.optim.get("schedule")), "the learning rate follows a schedule"),
+        (
+            cfg.model.norm == "bn" and cfg.model.bn.stats == "cumulative",
+            "model.bn.stats=cumulative reads its momentum on the host",
+        ),
+    ]
+    reasons = [why for present, why in obstacles if present]
+    if reasons and wanted is True:
+        raise ConfigError(
+            f"trainer.cuda_graph=true cannot capture this run: {reasons[0]}; "
+            f"use trainer.cuda_graph=auto (captures when it can) or false"
+        )
+    return not reasons
 
 
 def build_model(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -7,3 +7,7 @@ ACTIVATION_NAMES = ("sigmoid", "relu")
 NORMS = ("none", "bn")
 STATS_MODES = ("ema", "cumulative", "population")  # BN inference statistics (batchnorm.py)
 DEVICES = ("auto", "cpu", "cuda")
+DIST_BN_MODES = ("reduce", "broadcast")  # BN running statistics across ranks (distributed.py)
+# Where ImageNet training JPEGs are decoded and augmented: PIL in the DataLoader workers, or the
+# run's device on whole batches (the workers only read bytes); auto = device on CUDA.
+DECODE_MODES = ("auto", "workers", "device")

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from bnrepro.choices import ACTIVATION_NAMES, DEVICES, NORMS, STATS_MODES
+from bnrepro.choices import (
+    ACTIVATION_NAMES,
+    DECODE_MODES,
+    DEVICES,
+    DIST_BN_MODES,
+    NORMS,
+    STATS_MODES,
+)
 from bnrepro.errors import ConfigError
 
 
@@ -74,6 +81,13 @@ def check_config(cfg: DictConfig) -> None:
         ("model.bn.stats", *_one_of(STATS_MODES)),
         ("model.dropout", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
         ("trainer.device", *_one_of(DEVICES)),
+        ("trainer.dist_bn", *_one_of(DIST_BN_MODES)),
+        ("trainer.sync_every", _positive_int, "a positive integer"),
+        (
+            "trainer.cuda_graph",
+            lambda v: v in ("auto", True, False),
+            "auto, true or false",
+        ),
         (
             "trainer.probe.unit",
             lambda v: _is_int(v) and 0 <= v < width,
@@ -96,11 +110,18 @@ def check_config(cfg: DictConfig) -> None:
                 "a list of distinct integers",
             )
         )
+        if cfg.trainer.sync_bn:
+            raise ConfigError(
+                "trainer.sync_bn=true does not apply to stacked seeds (seeds=[...]): each "
+                "member's BN is its own; drop one of them"
+            )
         if "hidden" not in cfg.model:
             raise ConfigError(
                 "seeds=[...] (stacked training) needs the MNIST MLP (model=mlp); "
                 "run one seed per job instead: -m seed=1,2,3"
             )
+    if "decode" in cfg.data:  # ImageNet: where training JPEGs are decoded (data/imagenet.py)
+        checks.append(("data.decode", *_one_of(DECODE_MODES)))
     if "init_std" in cfg.model:
         checks.append(("model.init_std", lambda v: _is_number(v) and v > 0, "a positive number"))
     for key, ok, expected in checks:

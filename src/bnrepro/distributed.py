@@ -1,4 +1,9 @@
-"""Multi-process training under torchrun (env://): one process per GPU, or CPU with gloo."""
+"""Multi-process training under torchrun (env://): one process per GPU, or CPU with gloo.
+
+A job started by torchrun (or a multi-task submitit job) always takes the distributed path,
+with one process as with many: process group, DDP, SyncBN when asked. A one-GPU machine then
+exercises the multi-GPU code. A plain `python -m bnrepro.train` runs without any of it.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bnrepro.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -16,10 +23,12 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    launched: bool = False  # under torchrun/submitit: a process group exists, even of one
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Whether collectives run (DDP, all-reduce): launched by torchrun, however many ranks."""
+        return self.launched
 
     @property
     def is_main(self) -> bool:
@@ -27,12 +36,32 @@ class DistEnv:
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """`auto` takes this process's GPU when there is one, else the CPU."""
+    """`auto` takes this process's GPU when there is one, else the CPU. A GPU asked for but
+    missing, or more processes on a node than it has GPUs, is a ConfigError (one line)."""
+    available = torch.cuda.is_available()
     if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
+        requested = "cuda" if available else "cpu"
+    if requested != "cuda":
+        return torch.device(requested)
+    if not available:
+        raise ConfigError(
+            "trainer.device=cuda but torch sees no GPU here; use trainer.device=auto or cpu "
+            "(or check CUDA_VISIBLE_DEVICES and the driver)"
+        )
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(
+            f"this process has local rank {local_rank} but the node has {count} GPU(s); start "
+            f"at most {count} process(es) per node (torchrun --nproc_per_node={count})"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def device_name(device: torch.device) -> str:
+    """What summaries record as the device that made a result, e.g. 'cuda (NVIDIA H100 ...)'."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 def export_submitit_env() -> None:
@@ -54,16 +83,15 @@ def init_distributed(device: str = "auto") -> DistEnv:
     tests use).
     """
     export_submitit_env()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch_device = pick_device(device, local_rank)
-    if world_size == 1:
+    if "WORLD_SIZE" not in os.environ:  # a plain process: no launcher, no process group
         return DistEnv(device=torch_device)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
-    return DistEnv(dist.get_rank(), world_size, local_rank, torch_device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, True)
 
 
 def shutdown(env: DistEnv) -> None:
@@ -106,24 +134,52 @@ def replicas_in_sync(env: DistEnv, model: nn.Module) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def average_bn_buffers(env: DistEnv, model: nn.Module) -> None:
-    """Average BN running statistics over ranks before evaluating (timm's --dist-bn reduce):
-    without it each replica evaluates with the statistics of its own share of the data."""
+def sync_bn_buffers(env: DistEnv, model: nn.Module, mode: str = "reduce") -> None:
+    """Make every rank's BN running statistics the same before evaluating (timm's --dist-bn).
+
+    DDP is built with broadcast_buffers=False, so during training each replica's running
+    statistics follow its own mini-batches, as the paper's per-replica BN computes them.
+    `reduce` averages them over ranks: the mean of the replicas' estimates, each an average of
+    per-batch means and unbiased variances of m images, is Algorithm 2's E_B[mu_B] and
+    m/(m-1) E_B[var_B] over every rank's batches. `broadcast` takes rank 0's (the statistics
+    of 1/world_size of the data; what DDP's default buffer broadcast amounts to).
+    """
     if not env.enabled:
         return
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             for buffer in (module.running_mean, module.running_var):
-                dist.all_reduce(buffer)
-                buffer.div_(env.world_size)
+                if mode == "broadcast":
+                    dist.broadcast(buffer, src=0)
+                else:
+                    dist.all_reduce(buffer)
+                    buffer.div_(env.world_size)
 
 
 def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool) -> nn.Module:
-    """DDP around `model` when distributed; SyncBatchNorm first if asked (then BN normalises
-    over the global batch instead of each replica's 32 images)."""
+    """DDP around `model` when launched by torchrun (one process too); SyncBatchNorm first if
+    asked (then BN normalises over the global batch instead of each replica's 32 images).
+
+    The SyncBatchNorm conversion replaces the layers inside `model`, so callers must keep
+    the returned module's `.module` as the network. broadcast_buffers=False: every rank keeps
+    its own running statistics until `sync_bn_buffers` combines them before an evaluation
+    (with DDP's default, rank 0's buffers overwrite the others' at every forward).
+    """
+    if sync_bn and not env.enabled:
+        raise ConfigError(
+            "trainer.sync_bn=true synchronises BN across processes: launch the job with "
+            "torchrun (e.g. torchrun --nproc_per_node=8 -m bnrepro.train ...), or drop it"
+        )
+    if sync_bn and env.device.type != "cuda":
+        raise ConfigError(
+            "trainer.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+            "drop it on CPU, where each replica normalises its own batch as in the paper"
+        )
     if not env.enabled:
         return model
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, broadcast_buffers=False
+    )

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bnrepro.distributed import DistEnv, average_bn_buffers, sum_across_ranks
+from bnrepro.distributed import DistEnv, sync_bn_buffers
+from bnrepro.graph_step import GraphStep
 from bnrepro.models.batchnorm import recompute_population_stats
 from bnrepro.optim import StepwiseExponentialLR
 from bnrepro.probes import nonlinearity_input_percentiles
@@ -42,6 +44,9 @@ class LoopSettings:
     progress_desc: str = "train"
     checkpoint_every: int = 0  # 0: only at the end
     diverge_loss: float | None = None  # a loss above this counts as diverged, like NaN/inf
+    sync_every: int = 100  # steps between host reads of the losses (divergence, stop signals)
+    cuda_graph: bool = False  # capture the training step in a CUDA graph (graph_step.py)
+    dist_bn: str = "reduce"  # how ranks' BN running statistics combine before evaluating
 
 
 @dataclass
@@ -119,7 +124,7 @@ def evaluation_records(
     """
     if settings.bn_stats == "population":
         recompute_population_stats(model, task.population_batches, settings.population_batches)
-    average_bn_buffers(env, model)
+    sync_bn_buffers(env, model, settings.dist_bn)
     probes = nonlinearity_input_percentiles(
         model, model.nonlinearities(), task.probe_x, settings.probe_unit, settings.percentiles
     )
@@ -146,6 +151,11 @@ def fit(
     A non-finite loss (or one above `diverge_loss`) stops a member as "diverged": a result to
     record, not a crash. When `stop_requested()` turns true, a checkpoint is written and
     Preempted raised.
+
+    The host never waits for the device during steps: each step's losses stay on the device
+    in a small log that the host reads every `sync_every` steps and at every evaluation,
+    checkpoint and stop (on a CPU that costs nothing). Divergence is then found at its exact
+    step; a diverged member trains on (uselessly, members never mix) until that read.
     """
     network = getattr(model, "module", model)
     network = getattr(network, "_orig_mod", network)  # under torch.compile
@@ -155,6 +165,13 @@ def fit(
     limit = settings.diverge_loss if settings.diverge_loss is not None else float("inf")
     seconds_before, started = state.seconds, time.perf_counter()
 
+    def step_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return train_step(model, optimizer, x, y, settings.amp)
+
+    run_step = GraphStep(step_fn) if settings.cuda_graph else step_fn
+    loss_log = torch.empty(settings.sync_every, len(trackers), device=env.device)
+    logged = 0  # steps in loss_log not yet read by the host
+
     def evaluate_and_log(step: int, extra: list[dict[str, float]]) -> None:
         records = evaluation_records(network, task, settings, env)
         for i in alive:
@@ -162,6 +179,27 @@ def fit(
             record["train/lr"] = optimizer.param_groups[0]["lr"]
             trackers[i].log(record)
             results[i].history.append(record)
+
+    def read_losses(first_step: int, stop: bool) -> bool:
+        """Read the logged steps' losses (mean over ranks), record divergences at their exact
+        step, add to the running sums; return whether any rank asked to stop."""
+        block = loss_log[:logged].double()
+        if env.enabled:  # one decision for all replicas: a rank stopping alone hangs the rest
+            flag = torch.tensor([float(stop)], dtype=torch.float64, device=block.device)
+            flat = torch.cat([block.flatten(), flag])
+            dist.all_reduce(flat)
+            block, stop = flat[:-1].view_as(block) / env.world_size, flat[-1].item() > 0
+        sums = state.loss_sum.tolist()
+        for step, values in enumerate(block.tolist(), start=first_step):
+            for i in [i for i in alive if not math.isfinite(values[i]) or values[i] > limit]:
+                results[i].status, results[i].diverged_at_step = "diverged", step
+                results[i].steps = step
+                trackers[i].log({"step": step, "train/loss": values[i]})
+                alive.remove(i)
+            for i, value in enumerate(values):
+                sums[i] += value  # in step order, as float64: the same sum as step by step
+        state.loss_sum = torch.tensor(sums, dtype=torch.float64)
+        return stop
 
     if settings.eval_at_start and not resumed:
         evaluate_and_log(0, [{} for _ in trackers])
@@ -179,25 +217,26 @@ def fit(
     with bar:
         while state.step < settings.steps and alive:
             x, y = next(task.train_batches)
-            losses = train_step(model, optimizer, x, y, settings.amp).cpu().double()
-            stop = stop_requested()
-            if env.enabled:  # one decision for all replicas: a rank stopping alone hangs the rest
-                summed = sum_across_ranks(env, [*losses.tolist(), float(stop)])
-                losses, stop = torch.tensor(summed[:-1]) / env.world_size, summed[-1] > 0
+            loss_log[logged].copy_(run_step(x, y), non_blocking=True)
+            logged += 1
             if scheduler is not None:
                 scheduler.step_batch()
             state.step += 1
             step = state.step
             bar.update(1)
-            values = losses.tolist()  # one conversion: tensor indexing per member is slower
-            for i in [i for i in alive if not math.isfinite(values[i]) or values[i] > limit]:
-                results[i].status, results[i].diverged_at_step = "diverged", step
+            stop = stop_requested()
+            every = settings.checkpoint_every
+            evaluate = step % settings.eval_every == 0 or step == settings.steps
+            checkpoint = (every and step % every == 0) or step == settings.steps
+            sync = evaluate or checkpoint or logged == settings.sync_every
+            if not (sync or (stop and not env.enabled)):  # ranks agree on stops at syncs only
+                continue
+            stop = read_losses(step - logged + 1, stop)
+            state.loss_count += logged
+            logged = 0
+            for i in alive:
                 results[i].steps = step
-                trackers[i].log({"step": step, "train/loss": values[i]})
-                alive.remove(i)
-            state.loss_sum += losses
-            state.loss_count += 1
-            if alive and (step % settings.eval_every == 0 or step == settings.steps):
+            if alive and evaluate:
                 speed = state.loss_count / (time.perf_counter() - window_start)
                 means = (state.loss_sum / state.loss_count).tolist()
                 evaluate_and_log(step, [{"train/loss": m} for m in means])
@@ -208,10 +247,7 @@ def fit(
                 state.loss_sum.zero_()
                 state.loss_count = 0
                 window_start = time.perf_counter()
-            for i in alive:
-                results[i].steps = step
-            every = settings.checkpoint_every
-            if stop or (every and step % every == 0) or step == settings.steps or not alive:
+            if stop or checkpoint or not alive:
                 state.seconds = seconds_before + time.perf_counter() - started
                 save_checkpoint(state)
             if stop:

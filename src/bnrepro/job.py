@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from bnrepro.build import build_model, loop_settings
 from bnrepro.checkpoint import Checkpointer, find_resume
-from bnrepro.distributed import DistEnv, broadcast_object
+from bnrepro.distributed import DistEnv, broadcast_object, device_name
 from bnrepro.engine import LoopResult, Preempted, fit
 from bnrepro.optim import build_optimizer, build_scheduler
 from bnrepro.preemption import PreemptionSignals
@@ -32,8 +33,18 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
     run_dir = Path(broadcast_object(env, cfg.paths.output_dir))  # rank 0's timestamped dir
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.set_flush_denormal(cfg.trainer.flush_denormal)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     task = build_task(cfg, env)
     network, model = build_model(cfg, env)
+    settings = loop_settings(cfg, env)
+    log.info(f"device: {device_name(env.device)}" + (", CUDA graph" if settings.cuda_graph else ""))
+    if env.enabled:
+        syncbn = " with SyncBatchNorm" if cfg.trainer.sync_bn else ""
+        log.info(
+            f"distributed: {dist.get_backend()} backend, {env.world_size} process(es), DDP"
+            f"{syncbn}, trainer.dist_bn={cfg.trainer.dist_bn}"
+        )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     checkpoints = Checkpointer(run_dir, cfg, network, optimizer, scheduler, task, env.is_main)
@@ -42,6 +53,7 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
     if state is not None:
         log.info(f"resuming from {resume_from} at step {state.step}")
     runs = member_runs(cfg, run_dir, write=env.is_main)
+    device = device_name(env.device)
     histories = [r.history for r in state.results] if state else None
     start = time.perf_counter()
     with contextlib.ExitStack() as stack, PreemptionSignals() as signals:
@@ -52,7 +64,8 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
             for (member_cfg, _), tracker, result in zip(runs, trackers, results, strict=True):
                 result = replace(result, status=status) if result.status == "completed" else result
                 seconds = time.perf_counter() - start
-                tracker.write_summary(summarize(member_cfg, task.monitor, result, seconds))
+                summary = summarize(member_cfg, task.monitor, result, seconds, device)
+                tracker.write_summary(summary)
 
         try:
             results = fit(
@@ -60,7 +73,7 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
                 optimizer,
                 scheduler,
                 task,
-                loop_settings(cfg, env),
+                settings,
                 trackers,
                 env,
                 state,

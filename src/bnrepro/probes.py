@@ -53,10 +53,14 @@ def nonlinearity_input_percentiles(
         for handle in handles:
             handle.remove()
 
-    q = torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float64)
     out: list[dict[str, float]] = [{} for _ in range(members or 1)]
-    for name, values in captured.items():
-        table = torch.quantile(values, q, dim=1).T.tolist()  # (members, len(q))
+    if not captured:
+        return out
+    names = list(captured)
+    q = torch.tensor([p / 100.0 for p in percentiles], dtype=torch.float64, device=probe_x.device)
+    # Every layer's quantiles on the device, then one transfer: one host sync per evaluation.
+    tables = torch.stack([torch.quantile(captured[n], q, dim=1).T for n in names]).tolist()
+    for name, table in zip(names, tables, strict=True):  # table: (members, len(q))
         for record, row in zip(out, table, strict=True):
             for p, v in zip(percentiles, row, strict=True):
                 record[f"act/{name}/p{p:g}"] = v

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bnrepro.distributed import DistEnv, replicas_in_sync
+from bnrepro.distributed import DistEnv, device_name, replicas_in_sync
 from bnrepro.plots import plot_run
 
 if TYPE_CHECKING:
@@ -22,8 +22,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("bnrepro.train")
 
 
-def summarize(cfg: DictConfig, monitor: str, result: LoopResult, seconds: float) -> dict[str, Any]:
-    """summary.json: status, steps, final and best accuracy (`monitor`), wall time, names."""
+def summarize(
+    cfg: DictConfig, monitor: str, result: LoopResult, seconds: float, device: str
+) -> dict[str, Any]:
+    """summary.json: status, steps, final and best accuracy (`monitor`), wall time, names, and
+    the device that made the result."""
     key = monitor.replace("/", "_")  # test/acc -> final_test_acc, best_test_acc
     accs = [r[monitor] for r in result.history]
     best = max(range(len(accs)), key=accs.__getitem__) if accs else None
@@ -40,6 +43,7 @@ def summarize(cfg: DictConfig, monitor: str, result: LoopResult, seconds: float)
         "experiment": cfg.experiment_name,
         "arm": cfg.arm,
         "seed": cfg.seed,
+        "device": device,
     }
 
 
@@ -74,7 +78,7 @@ def finish_run(
     env: DistEnv,
 ) -> dict[str, Any]:
     """Write one network's summary.json and figure; return the summary."""
-    summary = summarize(cfg, monitor, result, seconds)
+    summary = summarize(cfg, monitor, result, seconds, device_name(env.device))
     if env.enabled:
         summary |= {
             "world_size": env.world_size,

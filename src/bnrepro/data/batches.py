@@ -43,7 +43,9 @@ class ShuffledBatches:
         # than advanced indexing with a 2-d index).
         cut = orders[:, : self.n_batches * self.batch_size]
         self.steps = cut.view(len(self.generators), self.n_batches, self.batch_size)
-        self.steps = self.steps.transpose(0, 1).contiguous()
+        # CPU generators on every device (a seed means the same order on CPU and GPU); the
+        # epoch's indices then move to the data's device once, not once per step.
+        self.steps = self.steps.transpose(0, 1).contiguous().to(self.x.device)
         self.position = 0
 
     def __iter__(self) -> ShuffledBatches:

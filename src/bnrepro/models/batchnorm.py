@@ -5,16 +5,22 @@
 - ``population``: Algorithm 2 of the paper: before each evaluation, forget the running
   statistics and average them over K training mini-batches of size m with the trained
   weights; PyTorch's unbiased per-batch variance makes that m/(m-1) * E_B[var_B].
+
+Only ``cumulative`` builds layers with ``momentum=None``: torch then reads
+``num_batches_tracked`` on the host at every training forward (one GPU sync per layer per
+step, and a step no CUDA graph can capture). Population mode trains with the EMA buffers,
+which its recompute discards, and the recompute passes the cumulative factor 1/k as a
+Python float: the same arithmetic as ``momentum=None``, without the sync.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnrepro.choices import STATS_MODES
 
@@ -30,9 +36,9 @@ def make_batchnorm(
     if stats not in STATS_MODES:
         raise ValueError(f"bn stats must be one of {STATS_MODES}, got {stats!r}")
     layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
-    # Population mode recomputes before every evaluation; a cumulative average in between
-    # costs nothing and keeps the buffers meaningful if someone evaluates without recomputing.
-    return layer(num_features, eps=eps, momentum=momentum if stats == "ema" else None)
+    # Population mode recomputes before every evaluation; the EMA in between costs no sync
+    # and keeps the buffers meaningful if someone evaluates without recomputing.
+    return layer(num_features, eps=eps, momentum=None if stats == "cumulative" else momentum)
 
 
 def recompute_population_stats(
@@ -40,10 +46,27 @@ def recompute_population_stats(
 ) -> None:
     """Algorithm 2: set every BN layer's running mean/var to population estimates.
 
-    torch's `update_bn` resets the buffers, runs the model in training mode with a cumulative
-    average, and restores the model's mode and momenta. Dropout stays active while it runs,
-    so the statistics describe the same distribution the layer saw in training.
+    As torch's `update_bn`: reset the buffers, run K batches through the model in training
+    mode with a cumulative average, restore the model's mode and momenta. Unlike it, the
+    factor of batch k is given as momentum 1/k, which keeps the host out of the loop (see the
+    module docstring). Dropout stays active while it runs, so the statistics describe the
+    same distribution the layer saw in training.
     """
-    inputs: Iterable[torch.Tensor] = (x for x, _ in islice(batches, num_batches))
-    with torch.no_grad():
-        update_bn(inputs, model)
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not layers:
+        return
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            for k, (x, _) in enumerate(islice(batches, num_batches), start=1):
+                for layer in layers:
+                    layer.momentum = 1.0 / k  # torch's cumulative factor, 1/num_batches_tracked
+                model(x)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+        model.train(was_training)

@@ -77,7 +77,7 @@ class StackedMLP(nn.Module):
             block = nn.Sequential()
             block.add_module("linear", StackedLinear(members, width, out, bias=norm == "none"))
             if norm == "bn":
-                momentum = bn.get("momentum", 0.1) if stats == "ema" else None
+                momentum = None if stats == "cumulative" else bn.get("momentum", 0.1)
                 block.add_module(
                     "bn", StackedBatchNorm(members, out, bn.get("eps", 1e-5), momentum)
                 )
