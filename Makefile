@@ -15,6 +15,8 @@ SEEDS ?= [1,2,3,4,5]
 JOBS ?= 2
 # cpu (default) or cuda: where the Figure-1 sweep trains (trainer.device); results record it.
 DEVICE ?= cpu
+# Extra overrides for the training sweeps, e.g. ARGS="trainer.steps=5000 logger=none".
+ARGS ?=
 SWEEP_DIR ?= logs/reproduce-mnist
 GRID_SWEEP_DIR ?= logs/reproduce-mnist-grid
 MNIST_RESULTS := results/mnist
@@ -35,7 +37,7 @@ endif
 
 install: $(INSTALLED) ## Create .venv with the pinned dependencies (idempotent)
 
-$(STAMP): pyproject.toml src/bnrepro/_mkl_intel_cpu.c
+$(STAMP): pyproject.toml src/bnrepro/speedups/_mkl_intel_cpu.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
@@ -57,18 +59,17 @@ test-full: lint ## The whole test suite, slow tests included
 test-gpu: ## The GPU tests (marker gpu): every experiment on cuda, CPU parity, resume, NCCL
 	$(PY) -m pytest -m gpu -v
 
+# Idempotent: run again after an interruption, finished runs are skipped, unfinished ones resume.
 reproduce-mnist: install ## Figure 1: baseline and BN x SEEDS x 50k steps, then results/mnist/figure1.*
-	rm -rf $(SWEEP_DIR)
 	$(PY) -m bnrepro.train --multirun experiment=mnist/baseline,mnist/bn "seeds=$(SEEDS)" \
 		trainer.device=$(DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
-		hydra.sweep.dir=$(SWEEP_DIR)
+		hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 	$(PY) scripts/collect_runs.py $(SWEEP_DIR) $(MNIST_RESULTS)/runs
 	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
 
 reproduce-mnist-grid: install ## The variant grid on MNIST (24 runs), then results/mnist/grid.*
-	rm -rf $(GRID_SWEEP_DIR)
-	$(VENV)/bin/bnrepro-train --multirun experiment=mnist/grid $(GRID) \
-		hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(GRID_SWEEP_DIR)
+	$(PY) -m bnrepro.train --multirun experiment=mnist/grid $(GRID) \
+		hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(GRID_SWEEP_DIR) $(ARGS)
 	$(PY) scripts/collect_runs.py $(GRID_SWEEP_DIR) $(MNIST_RESULTS)/grid_runs
 	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
 

@@ -28,7 +28,8 @@ from bnrepro.models.inception import BNInception
 
 def make_model(name: str) -> torch.nn.Module:
     if name == "bn_inception":
-        return BNInception(num_classes=1000, norm="bn")
+        bn = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
+        return BNInception(num_classes=1000, norm="bn", bn=bn)
     return googlenet(weights=None, aux_logits=False, init_weights=True)
 
 

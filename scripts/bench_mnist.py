@@ -8,7 +8,7 @@ e.g. when its gradients turn subnormal):
 (1) a reference loop over a torchvision DataLoader, (2) a plain in-memory eager loop (the
 whole dataset in a tensor, one model, torch's defaults), both timed over the whole run, and
 (2b) the same in-memory loop with MKL's vendor check skipped as the trainer does
-(bnrepro/mkl_vendor.py), to show how much of the gap is kernels and how much the trainer;
+(bnrepro/speedups/mkl_vendor.py), to show how much of the gap is kernels and how much the trainer;
 (3) the project's trainer, as the default `make reproduce-mnist` runs it: 5 seeds stacked per
 job, the two jobs side by side, one per core. Its ms per model-step is a job's training time
 (as logged between evaluations, like for like with the reference loops, which evaluate
@@ -37,9 +37,9 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
+from bnrepro.analysis import RunRecord, find_runs, read_metrics
 from bnrepro.data.mnist import load_mnist
 from bnrepro.models.mlp import MLP
-from bnrepro.runs import RunRecord, find_runs, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "none", "bn": "bn"}
@@ -54,7 +54,8 @@ TARGETS = {
 
 def plain_model(norm: str) -> tuple[MLP, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = MLP(norm=norm, bn={"stats": "ema"})
+    bn = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
+    model = MLP(norm=norm, bn=bn)
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 
@@ -101,7 +102,7 @@ def in_memory_loop_all_kernels(root: str, norm: str, steps: int) -> float:
     """`in_memory_loop` in a fresh process that skips MKL's vendor check before torch loads
     (here torch is loaded already, with MKL's default kernels)."""
     code = (
-        "import sys; from bnrepro.mkl_vendor import skip_vendor_check; "
+        "import sys; from bnrepro.speedups.mkl_vendor import skip_vendor_check; "
         "print(skip_vendor_check(), file=sys.stderr); sys.path.insert(0, sys.argv[1]); "
         "import bench_mnist; print(bench_mnist.in_memory_loop(*sys.argv[2:4], int(sys.argv[4])))"
     )
@@ -111,7 +112,7 @@ def in_memory_loop_all_kernels(root: str, norm: str, steps: int) -> float:
 
 
 def mkl_line(sweep: Path) -> str:
-    """What the trainer's jobs logged about MKL's kernels (bnrepro/mkl_vendor.py)."""
+    """What the trainer's jobs logged about MKL's kernels (bnrepro/speedups/mkl_vendor.py)."""
     lines = {
         line.split(" - ", 1)[-1]
         for log in sweep.glob("*/train.log")

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bnrepro.runs import find_runs
+from bnrepro.analysis import find_runs
 
 KEEP = {
     "metrics.jsonl": "metrics.jsonl",
@@ -32,6 +32,16 @@ def main() -> int:
     if not runs:
         print(f"error: no run directories (summary.json) under {args.sweep_dir}", file=sys.stderr)
         return 2
+    seen: dict[tuple[str, int], Path] = {}
+    for run in runs:
+        other = seen.setdefault((run.arm, run.seed), run.path)
+        if other != run.path:  # the same arm and seed trained with other settings
+            print(
+                f"error: {other} and {run.path} are both {run.arm} seed {run.seed} (made with "
+                f"different settings); move one away or collect from a new sweep directory",
+                file=sys.stderr,
+            )
+            return 2
     if args.dest.exists():
         shutil.rmtree(args.dest)
     for run in runs:

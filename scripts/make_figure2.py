@@ -17,15 +17,15 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from bnrepro.plots import save
-from bnrepro.runs import find_runs
-from bnrepro.variants import (
+from bnrepro.analysis import (
     arm_results,
+    find_runs,
     markdown_table,
     results_json,
     runs_from_wandb,
     table_rows,
 )
+from bnrepro.plots import save
 
 METRIC = "val/top1"
 # Figure 3 of the paper: steps to 72.2 % and maximum single-crop top-1.

@@ -15,20 +15,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from bnrepro.analysis import arm_results, find_runs, markdown_table, results_json, table_rows
 from bnrepro.plots import save
-from bnrepro.runs import find_runs
-from bnrepro.variants import arm_results, markdown_table, results_json, table_rows
 
 COMMAND = "make reproduce-mnist-grid"
 METRIC = "test/acc"
-LR_STYLES = {"1": ":", "5": "--", "30": "-"}
+LR_STYLES = {1: ":", 5: "--", 30: "-"}
 NORM_COLORS = {"none": "tab:blue", "bn": "tab:red"}
-
-
-def parse_arm(arm: str) -> dict[str, str]:
-    """`bn_x5_sigmoid_drop0.4` -> norm, lr_mult, activation, dropout (experiment mnist/grid)."""
-    norm, lr, activation, dropout = arm.split("_")
-    return {"norm": norm, "lr_mult": lr[1:], "activation": activation, "dropout": dropout[4:]}
 
 
 def main() -> int:
@@ -42,15 +35,17 @@ def main() -> int:
         print(f"error: no runs under {args.runs}; run `{COMMAND}` first", file=sys.stderr)
         return 2
     results = arm_results(runs, METRIC)
-    panels = sorted({(parse_arm(a)["activation"], parse_arm(a)["dropout"]) for a in results})
+    # Each arm's variant as its runs recorded it (summary.json, else their stored config).
+    variants = {run.arm: run.variant for run in runs}
+    panels = sorted({(v["activation"], v["dropout"]) for v in variants.values()})
     ncols = 2 if len(panels) > 1 else 1
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
-    order = sorted(results, key=lambda a: (parse_arm(a)["norm"], int(parse_arm(a)["lr_mult"])))
+    order = sorted(results, key=lambda a: (variants[a]["norm"], variants[a]["lr_mult"]))
     for ax, (activation, dropout) in zip(axes.flat, panels, strict=False):
         for arm in order:
             result = results[arm]
-            v = parse_arm(arm)
+            v = variants[arm]
             if (v["activation"], v["dropout"]) != (activation, dropout):
                 continue
             label = f"{'BN' if v['norm'] == 'bn' else 'no BN'} x{v['lr_mult']}"

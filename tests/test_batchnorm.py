@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from bnrepro.models.batchnorm import make_batchnorm, recompute_population_stats
+from bnrepro.models.batchnorm import BNStats, network_bn, recompute_population_stats
 
 EPS = 1e-5
 M, F = 60, 7  # the paper's MNIST batch size; a few features
+MODEL_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
+
+
+def settings(stats: str, population_batches: int = 100) -> BNStats:
+    return BNStats(stats=stats, momentum=0.1, eps=EPS, population_batches=population_batches)
 
 
 def np_bn_train(x, gamma, beta, eps=EPS):
@@ -36,7 +44,7 @@ def random_batches(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def bn_with_affine(stats: str) -> torch.nn.BatchNorm1d:
-    bn = make_batchnorm(F, stats=stats, momentum=0.1, eps=EPS).double()
+    bn = settings(stats).layer(F).double()
     with torch.no_grad():
         bn.weight.copy_(torch.linspace(0.5, 2.0, F))
         bn.bias.copy_(torch.linspace(-1.0, 1.0, F))
@@ -108,7 +116,7 @@ def test_inference_statistics_match_numpy(stats):
 
 
 def test_population_recompute_restores_mode_and_momentum():
-    bn = make_batchnorm(F, stats="ema", momentum=0.1, eps=EPS).double()
+    bn = settings("ema").layer(F).double()
     model = torch.nn.Sequential(bn).eval()
     batches = iter([(torch.tensor(b), None) for b in random_batches(3)])
     recompute_population_stats(model, batches, num_batches=3)
@@ -117,9 +125,93 @@ def test_population_recompute_restores_mode_and_momentum():
     assert int(bn.num_batches_tracked) == 3
 
 
-def test_unknown_stats_mode_is_rejected():
-    with pytest.raises(ValueError, match="stats"):
-        make_batchnorm(F, stats="foo", momentum=0.1, eps=EPS)
+@pytest.mark.parametrize(
+    ("stats", "momentum"), [("ema", 0.1), ("cumulative", None), ("population", 0.1)]
+)
+def test_layer_momentum_per_mode(stats, momentum):
+    # Only cumulative uses torch's momentum=None (a host sync per step, see batchnorm.py);
+    # population trains with the EMA, which each recompute discards.
+    bn = BNStats.from_config(
+        {"stats": stats, "momentum": 0.1, "eps": 1e-3, "population_batches": 4}
+    )
+    layer, conv = bn.layer(5), bn.layer(3, dims=2)
+    assert type(layer) is torch.nn.BatchNorm1d and type(conv) is torch.nn.BatchNorm2d
+    assert layer.num_features == 5 and conv.num_features == 3
+    assert layer.momentum == conv.momentum == bn.layer_momentum
+    assert layer.momentum == momentum
+    assert layer.eps == conv.eps == 1e-3
+    assert bn.needs_population_batches is (stats == "population")
+
+
+@pytest.mark.parametrize("stats", ["ema", "cumulative", "population"])
+def test_refresh_recomputes_only_in_population_mode(stats):
+    bn_stats = settings(stats, population_batches=3)
+    model = torch.nn.Sequential(bn_stats.layer(F).double()).train()
+    for b in random_batches(4, seed=5):
+        model(torch.tensor(b))
+    trained = model[0].running_var.clone()
+    batches = iter([(torch.tensor(b), None) for b in random_batches(5)])
+    bn_stats.refresh(model.eval(), batches)
+    left = len(list(batches))
+    if stats == "population":
+        _, var = expected_running_stats("population", random_batches(5)[:3])
+        np.testing.assert_allclose(model[0].running_var.numpy(), var, rtol=1e-10)
+        assert left == 2  # K batches taken, no more
+    else:
+        assert torch.equal(model[0].running_var, trained)
+        assert left == 5  # not even looked at
+        bn_stats.refresh(model, None)  # nothing to recompute from, nothing needed
+    assert not model.training
+
+
+def test_refresh_in_population_mode_needs_batches():
+    with pytest.raises(ValueError, match="population"):
+        settings("population").refresh(torch.nn.Sequential(settings("population").layer(F)), None)
+
+
+def test_from_config_reads_a_mapping_or_passes_bn_stats_through():
+    bn = BNStats.from_config(
+        {"stats": "population", "momentum": 1, "eps": 1e-5, "population_batches": 7}
+    )
+    assert bn == BNStats("population", 1.0, 1e-5, 7)
+    assert isinstance(bn.momentum, float)
+    assert BNStats.from_config(bn) is bn
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
+def test_every_model_config_has_complete_bn_settings(path):
+    # The defaults live in the YAML only: each model config must carry every key.
+    bn = BNStats.from_config(OmegaConf.load(path).bn)
+    assert bn.stats in ("ema", "cumulative", "population")
+
+
+@pytest.mark.parametrize(
+    ("bn", "message"),
+    [
+        ({"stats": "ema", "momentum": 0.1, "eps": EPS}, r"missing \['population_batches'\]"),
+        ({"momentum": 0.1, "eps": EPS, "population_batches": 1}, r"missing \['stats'\]"),
+        (
+            {"stats": "ema", "momentum": 0.1, "eps": EPS, "population_batches": 1, "mom": 0.2},
+            r"unknown \['mom'\]",
+        ),
+        ({"stats": "foo", "momentum": 0.1, "eps": EPS, "population_batches": 1}, "stats.*'foo'"),
+    ],
+)
+def test_from_config_rejects_incomplete_or_unknown_settings(bn, message):
+    with pytest.raises(ValueError, match=message):
+        BNStats.from_config(bn)
+
+
+def test_network_bn_requires_settings_only_with_bn():
+    assert network_bn("none", None) is None
+    assert network_bn("none", settings("ema")) is None
+    assert network_bn("bn", settings("ema")) == settings("ema")
+    with pytest.raises(ValueError, match="norm='bn' needs"):
+        network_bn("bn", None)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        network_bn("ln", settings("ema"))
+    with pytest.raises(ValueError, match="stats"):  # checked even where BN is off
+        network_bn("none", {"stats": "foo", "momentum": 0.1, "eps": EPS, "population_batches": 1})
 
 
 def test_conv_bn_normalises_each_feature_map_over_batch_and_positions():
@@ -127,7 +219,7 @@ def test_conv_bn_normalises_each_feature_map_over_batch_and_positions():
     correction then uses that effective batch size."""
     rng = np.random.default_rng(3)
     batches = [rng.normal(1.0, 2.0, size=(8, 3, 5, 4)) for _ in range(4)]
-    bn = make_batchnorm(3, stats="population", momentum=0.1, eps=EPS, dims=2).double()
+    bn = settings("population").layer(3, dims=2).double()
     assert bn.weight.shape == (3,)
     x = torch.tensor(batches[0])
     y = bn.train()(x).detach().numpy()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -17,7 +18,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(
     str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
     for p in (CONFIGS / "experiment").rglob("*.yaml")
+    if not p.name.startswith("_")  # _base.yaml: what a family's experiments share
 )
+BASES = sorted(
+    str(p.relative_to(CONFIGS / "experiment").with_suffix(""))
+    for p in (CONFIGS / "experiment").rglob("_base.yaml")
+)
+# The groups that make the paper's variants (README): an experiment file sets these and its names.
+VARIANT_GROUPS = {"norm", "activation", "dropout", "lr_mult", "recipe"}
 
 
 @pytest.fixture
@@ -44,6 +52,42 @@ def test_every_experiment_composes_and_builds(compose_cfg, experiment):
     model = instantiate(cfg.model)
     instantiate(cfg.optim, params=model.parameters())
     assert cfg.logger.project  # experiments log to W&B by default
+
+
+def test_experiments_set_only_their_variant_deltas():
+    """Each experiment is its family's _base plus variant-group overrides and its names."""
+    assert {"mnist/_base", "imagenet/_base"} <= set(BASES)
+    for name in EXPERIMENTS:
+        path = CONFIGS / "experiment" / f"{name}.yaml"
+        assert path.read_text().startswith("# @package _global_\n"), name
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+        family = name.split("/")[0]
+        assert set(cfg) == {"defaults", "experiment_name", "arm", "tags"}, name
+        assert cfg["experiment_name"] == name, name
+        defaults = cfg["defaults"]
+        # The base first: Hydra wants a defaults list's overrides after its other entries.
+        assert defaults[0] == f"/experiment/{family}/_base", name
+        overrides = [d for d in defaults[1:] if d != "_self_"]
+        assert all(isinstance(d, dict) and len(d) == 1 for d in overrides), name
+        groups = [next(iter(d)) for d in overrides]
+        assert all(g.startswith("override /") for g in groups), name
+        groups = [g.removeprefix("override /") for g in groups]
+        assert len(set(groups)) == len(groups) and set(groups) <= VARIANT_GROUPS, name
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_a_base_is_not_an_experiment(compose_cfg, base):
+    with pytest.raises(ConfigCompositionException, match="You must specify"):
+        compose_cfg(f"experiment={base}")
+
+
+def test_command_line_variants_beat_the_experiment(compose_cfg):
+    overrides = ("norm=bn", "lr_mult=x30", "activation=relu", "dropout=inception")
+    for experiment in ("mnist/grid", "mnist/baseline"):
+        cfg = compose_cfg(f"experiment={experiment}", *overrides)
+        assert (cfg.model.norm, cfg.model.activation, cfg.model.dropout) == ("bn", "relu", 0.4)
+        assert cfg.optim.lr_mult == 30
+    assert compose_cfg("experiment=mnist/grid", *overrides).arm == "bn_x30_relu_drop0.4"
 
 
 def test_figure1_arms_follow_the_paper(compose_cfg):

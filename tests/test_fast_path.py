@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from bnrepro.analysis import find_runs
 from bnrepro.data.batches import shuffled_batches, stacked_batches
-from bnrepro.engine import member_losses
-from bnrepro.models.batchnorm import recompute_population_stats
+from bnrepro.loop import member_losses
 from bnrepro.models.mlp import MLP
 from bnrepro.models.stacked_mlp import StackedMLP
 from bnrepro.probes import nonlinearity_input_percentiles
-from bnrepro.runs import find_runs
 
 from .conftest import run_train
 
@@ -20,18 +24,27 @@ from .conftest import run_train
 TOL = 1e-4
 
 
-def plain_mlps(norm: str, stats: str = "ema") -> list[MLP]:
+MLP_CONFIG = Path(__file__).parents[1] / "configs" / "model" / "mlp.yaml"
+
+
+def mlp_kwargs(norm: str, stats: str = "ema") -> dict[str, Any]:
+    bn = {"stats": stats, "momentum": 0.1, "eps": 1e-5, "population_batches": 5}
+    return {"norm": norm, "bn": bn}
+
+
+def plain_mlps(kwargs: dict[str, Any]) -> list[MLP]:
     mlps = []
     for seed in (11, 12, 13):
         torch.manual_seed(seed)
-        mlps.append(MLP(norm=norm, bn={"stats": stats}))
+        mlps.append(MLP(**kwargs))
     return mlps
 
 
 @pytest.mark.parametrize("norm", ["none", "bn"])
 def test_stacked_forward_backward_match_each_member(norm):
-    mlps = plain_mlps(norm)
-    stacked = StackedMLP.from_members(mlps)
+    kwargs = mlp_kwargs(norm)
+    mlps = plain_mlps(kwargs)
+    stacked = StackedMLP.from_members(mlps, **kwargs)
     x = torch.rand(3, 60, 784)
     y = torch.randint(0, 10, (3, 60))
     losses = member_losses(stacked(x), y)
@@ -51,18 +64,19 @@ def test_stacked_forward_backward_match_each_member(norm):
 
 
 def test_stacked_population_stats_and_probes_match_each_member():
-    mlps = plain_mlps("bn", stats="population")
-    stacked = StackedMLP.from_members(mlps)
+    kwargs = mlp_kwargs("bn", stats="population")
+    mlps = plain_mlps(kwargs)
+    stacked = StackedMLP.from_members(mlps, **kwargs)
     data_x, data_y = torch.rand(600, 784), torch.randint(0, 10, (600,))
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    recompute_population_stats(stacked, stacked_batches(data_x, data_y, 60, gens), 5)
+    stacked.bn_stats.refresh(stacked, stacked_batches(data_x, data_y, 60, gens))
     probe_x = torch.rand(200, 784)
     stacked_probes = nonlinearity_input_percentiles(
         stacked, stacked.nonlinearities(), probe_x, 7, [15, 50, 85]
     )
     for i, mlp in enumerate(mlps):
         gen = torch.Generator().manual_seed(i + 1)
-        recompute_population_stats(mlp, shuffled_batches(data_x, data_y, 60, gen), 5)
+        mlp.bn_stats.refresh(mlp, shuffled_batches(data_x, data_y, 60, gen))
         bn, f = stacked.layers["h2"].bn, 100
         torch.testing.assert_close(
             bn.running_var[i * f : (i + 1) * f],
@@ -76,6 +90,42 @@ def test_stacked_population_stats_and_probes_match_each_member():
         assert plain.keys() == stacked_probes[i].keys()
         for key, value in plain.items():
             assert stacked_probes[i][key] == pytest.approx(value, abs=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_stack_built_from_the_model_config(norm):
+    """What the trainer does with `seeds`: the stack and each member come from one config."""
+    cfg = OmegaConf.merge(OmegaConf.load(MLP_CONFIG), {"norm": norm, "dropout": 0.2})
+    stacked = instantiate(cfg, _target_="bnrepro.models.stacked_mlp.StackedMLP", members=2)
+    mlps = []
+    for i, seed in enumerate((11, 12)):
+        torch.manual_seed(seed)
+        mlps.append(instantiate(cfg))
+        stacked.load_member(i, mlps[-1])
+    assert stacked.bn_stats == mlps[0].bn_stats
+    assert [type(m) for m in stacked.modules()].count(torch.nn.Dropout) == 3
+    x = torch.rand(2, 60, 784)
+    stacked.eval()
+    for i, mlp in enumerate(mlps):
+        torch.testing.assert_close(stacked(x)[i], mlp.eval()(x[i]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"norm": "bn", "hidden": [100, 50, 100]},
+        {"norm": "bn", "activation": "relu"},
+        {"norm": "bn", "dropout": 0.1},
+        {"norm": "none"},
+        {"norm": "bn", "bn": mlp_kwargs("bn", stats="cumulative")["bn"]},
+    ],
+)
+def test_load_member_rejects_an_mlp_built_otherwise(other):
+    kwargs = mlp_kwargs("bn")
+    stacked = StackedMLP(2, **kwargs)
+    stacked.load_member(0, MLP(**kwargs))
+    with pytest.raises(ValueError, match="member 1"):
+        stacked.load_member(1, MLP(**kwargs | other))
 
 
 def test_stacked_batches_give_each_member_its_seeds_order():

@@ -144,11 +144,13 @@ def test_divergence_threshold_and_the_sweep_goes_on(mnist_root, tmp_path):
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
-    assert [s["status"] for s in summaries] == ["diverged", "completed"]
-    assert summaries[0]["diverged_at_step"] >= 1
-    last = json.loads((sweep / "0_baseline_seed1" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == summaries[0]["diverged_at_step"] and last["train/loss"] > 5
+    runs = {p.parent: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    by_lr = {s["settings"]["lr"]: (d, s) for d, s in runs.items()}
+    assert {lr: s["status"] for lr, (_, s) in by_lr.items()} == {100: "diverged", 0.1: "completed"}
+    run_dir, diverged = by_lr[100]
+    assert diverged["diverged_at_step"] >= 1
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == diverged["diverged_at_step"] and last["train/loss"] > 5
 
 
 def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -177,6 +179,9 @@ def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         (["seed=1,2"], "error: seed=1,2 sweeps several values; add -m"),
         (["-m", "optim.lr=0.1,0"], "error: optim.lr=0 is invalid"),
         (["hydra.run.dir={file}/run"], "error: cannot create the run directory {file}/run"),
+        (["hydra.run.dir=/proc/bnrepro/run"], "error: cannot create the run directory /proc/"),
+        (["-m", "hydra.sweep.dir=/proc/bnrepro", "seed=1,2"], "error: cannot create the run"),
+        (["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=abc"], "error: Error merging"),
     ],
 )
 def test_bad_command_lines_are_one_line_and_start_nothing(overrides, message, tmp_path):
@@ -232,6 +237,7 @@ def test_truncated_or_foreign_checkpoint_is_one_line(mnist_root, tmp_path):
     )
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
+    (run_dir / "summary.json").unlink()  # unfinished: a finished run would be skipped
     broken = run_train(*args)
     assert broken.returncode == 2
     assert (

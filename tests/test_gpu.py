@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bnrepro.analysis import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.models.batchnorm import recompute_population_stats
 from bnrepro.models.mlp import MLP
-from bnrepro.runs import find_runs, read_metrics
 
 from .conftest import REPO, run_train
 from .test_distributed import torchrun
@@ -30,8 +30,10 @@ from .test_faults import assert_same_run, start_train, wait_for_step
 
 pytestmark = pytest.mark.gpu
 
-MNIST_EXPERIMENTS = sorted(p.stem for p in (REPO / "configs/experiment/mnist").glob("*.yaml"))
-IMAGENET_EXPERIMENTS = sorted(p.stem for p in (REPO / "configs/experiment/imagenet").glob("*.yaml"))
+MNIST_EXPERIMENTS = sorted(p.stem for p in (REPO / "configs/experiment/mnist").glob("[!_]*.yaml"))
+IMAGENET_EXPERIMENTS = sorted(
+    p.stem for p in (REPO / "configs/experiment/imagenet").glob("[!_]*.yaml")
+)
 SMALL_IMAGENET = [
     "++data.image_size=64",
     "++data.batch_size=8",
@@ -140,7 +142,8 @@ def test_stacked_mnist_on_cuda_matches_the_cpu(mnist_root, tmp_path):
 
 def test_population_statistics_on_cuda_equal_the_cpus():
     torch.manual_seed(0)
-    model = MLP(norm="bn", bn={"stats": "population"})
+    bn = {"stats": "population", "momentum": 0.1, "eps": 1e-5, "population_batches": 50}
+    model = MLP(norm="bn", bn=bn)
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.rand(60, 784, generator=generator), None) for _ in range(50)]
     stats = {}

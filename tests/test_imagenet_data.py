@@ -254,7 +254,7 @@ def test_bad_decode_is_one_config_error_before_any_file_is_read(tmp_path):
         }
     )
     with pytest.raises(ConfigError) as err:
-        build_imagenet_task(cfg, DistEnv())
+        build_imagenet_task(cfg, DistEnv(), None)
     message = str(err.value)
     assert "\n" not in message and "data.decode='gpu'" in message
     assert "auto, workers, device" in message

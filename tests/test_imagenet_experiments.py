@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from bnrepro.analysis import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
-from bnrepro.runs import find_runs, read_metrics
 
 from .conftest import REPO, run_train
 
 IMAGENET_EXPERIMENTS = sorted(
-    p.stem for p in (REPO / "configs" / "experiment" / "imagenet").glob("*.yaml")
+    p.stem for p in (REPO / "configs" / "experiment" / "imagenet").glob("[!_]*.yaml")
 )
 # Reduced resolution and size: the real pipeline, seconds of CPU. (`++`: a multirun first
 # composes the config without the swept experiment, where these keys do not exist yet.)

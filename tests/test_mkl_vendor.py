@@ -1,5 +1,5 @@
-"""The MKL vendor check (bnrepro/mkl_vendor.py): on an AMD CPU it changes MKL's kernel choice,
-only when set before torch is imported, and the matmuls it then runs are still right."""
+"""The opt-in MKL vendor check (bnrepro/speedups/mkl_vendor.py): on an AMD CPU it changes MKL's
+kernel choice, only when set before torch is imported, and the matmuls it then runs are right."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bnrepro import mkl_vendor
+from bnrepro.speedups import mkl_vendor
 
 pytestmark = pytest.mark.skipif(
     mkl_vendor.cpu_vendor() != "AuthenticAMD", reason="the vendor check matters on AMD CPUs only"
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 # (an MKL-internal number) and the error of a float32 product MKL computes against float64.
 PROBE = """
 import ctypes, os, sys
-from bnrepro.mkl_vendor import skip_vendor_check
+from bnrepro.speedups.mkl_vendor import skip_vendor_check
 if sys.argv[1] == "skip":
     print(skip_vendor_check())
 import torch

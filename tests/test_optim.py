@@ -15,10 +15,11 @@ CFG = {
     "norm_weight_decay": 0.0,
     "schedule": {"name": "exponential", "gamma": 0.5, "every_steps": 3},
 }
+BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
 
 
 def test_no_weight_decay_on_bn_parameters():
-    model = MLP(norm="bn", bn={"stats": "ema"})
+    model = MLP(norm="bn", bn=BN)
     optimizer = build_optimizer(model, CFG)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, module in model.named_modules():
@@ -45,7 +46,7 @@ def test_fused_sgd_gives_the_same_weights_as_the_loop():
     weights = []
     for fused in (False, True):
         torch.manual_seed(0)
-        model = MLP(norm="bn", bn={"stats": "ema"})
+        model = MLP(norm="bn", bn=BN)
         optimizer = build_optimizer(model, CFG | {"momentum": 0.0, "fused": fused})
         assert optimizer.defaults["fused"] is (True if fused else None)
         for _ in range(5):

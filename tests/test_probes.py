@@ -19,7 +19,7 @@ def identity_mlp(norm: str = "none") -> MLP:
         hidden=[4, 4],
         num_classes=3,
         norm=norm,
-        bn={"stats": "ema", "momentum": 0.1, "eps": 1e-5},
+        bn={"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 1},
     )
     with torch.no_grad():
         for block in model.layers.values():

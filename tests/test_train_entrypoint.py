@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnrepro.runs import read_metrics
+from bnrepro.analysis import read_metrics
 
 from .conftest import REPO, run_train
 
@@ -68,7 +68,8 @@ def test_multirun_gives_one_directory_and_one_wandb_run_per_job(mnist_root, tmp_
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = sorted(p.parent for p in sweep.glob("*/summary.json"))
-    assert [p.name for p in run_dirs] == ["0_baseline_seed1", "1_baseline_seed2"]
+    # Named by arm, seed and the hash of their settings (configs/hydra/default.yaml).
+    assert [p.name[:-9] for p in run_dirs] == ["baseline-seed1", "baseline-seed2"]
     runs = [offline_runs(d) for d in run_dirs]
     assert all(len(r) == 1 for r in runs)
     assert runs[0][0].name != runs[1][0].name  # two W&B runs, not one reused

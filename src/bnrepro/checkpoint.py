@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from bnrepro.config import settings_except
 from bnrepro.errors import UserError
 
 FORMAT_VERSION = 1
@@ -77,21 +78,9 @@ def load(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out |= _flatten(value, f"{prefix}{key}.")
-        return out
-    return {prefix[:-1]: node}
-
-
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The config values that define the computation (flattened keys, resolved values)."""
-    keys = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    kept = [k for k in keys if not any(k == n or k.startswith(n + ".") for n in NOT_IDENTITY)]
-    values = {k: OmegaConf.select(cfg, k) for k in kept}
-    return {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+    """The config values a checkpoint must agree on to be resumed."""
+    return settings_except(cfg, NOT_IDENTITY)
 
 
 def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -217,7 +206,7 @@ class Checkpointer:
             self.scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"])
         self.task.train_batches.load_state_dict(payload["train_batches"])
-        if payload["population_batches"] is not None:
+        if payload["population_batches"] is not None and self.task.population_batches is not None:
             self.task.population_batches.load_state_dict(payload["population_batches"])
         self.best, self.wandb_ids = payload["best"], payload["wandb_ids"]
         self.last_state = payload["state"]

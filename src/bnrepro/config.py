@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bnrepro.choices import (
-    ACTIVATION_NAMES,
-    DECODE_MODES,
-    DEVICES,
-    DIST_BN_MODES,
-    NORMS,
-    STATS_MODES,
-)
 from bnrepro.errors import ConfigError
+
+# The values a config may choose from. This module is free of torch: the launching process
+# checks a command line against them before any job starts, without paying for torch's import.
+ACTIVATION_NAMES = ("sigmoid", "relu")
+NORMS = ("none", "bn")
+STATS_MODES = ("ema", "cumulative", "population")  # BN inference statistics (batchnorm.py)
+DEVICES = ("auto", "cpu", "cuda")
+DIST_BN_MODES = ("reduce", "broadcast")  # BN running statistics across ranks (distributed.py)
+# Where ImageNet training JPEGs are decoded and augmented: PIL in the DataLoader workers, or the
+# run's device on whole batches (the workers only read bytes); auto = device on CUDA.
+DECODE_MODES = ("auto", "workers", "device")
 
 
 def repo_root() -> str:
@@ -32,9 +38,66 @@ def seed_tag(seed: int, seeds: list[int] | None) -> str:
     return "seeds" + "-".join(map(str, seeds)) if seeds else f"seed{seed}"
 
 
+# Settings that change how fast a run goes, how it reports or where its files are, but not its
+# numbers: they are left out of the run directory's hash, so changing them finds the same run.
+NOT_RESULT = (
+    "experiment_name",
+    "arm",
+    "tags",
+    "logger",
+    "paths",
+    "hydra",
+    "resume",
+    "data.root",
+    "data.download",
+    "data.workers",
+    "data.verify_checksums",
+    "data.sha256",
+    "data.eval_batch_size",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.checkpoint_every",
+    "trainer.sync_every",
+    "trainer.cudnn_benchmark",
+    "trainer.cuda_graph",
+    "trainer.mkl_skip_vendor_check",
+)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: node}
+
+
+def settings_except(cfg: DictConfig, excluded: Iterable[str]) -> dict[str, Any]:
+    """The config's values (flattened keys, resolved) except the `excluded` keys and subtrees."""
+    excluded = tuple(excluded)
+    keys = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    kept = [k for k in keys if not any(k == n or k.startswith(n + ".") for n in excluded)]
+    values = {k: OmegaConf.select(cfg, k) for k in kept}
+    return {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
+
+
+def result_hash(cfg: DictConfig) -> str:
+    """8 hex digits of the settings that define a run's result (not those in NOT_RESULT)."""
+    settings = json.dumps(settings_except(cfg, NOT_RESULT), sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()[:8]
+
+
+def run_name(*, _root_: DictConfig) -> str:
+    """A run directory's name: readable, and the same whenever the result would be the same,
+    e.g. bn-seeds1-2-3-4-5-1a2b3c4d. Re-running a command finds its runs again (bnrepro.run)."""
+    return f"{_root_.arm}-{seed_tag(_root_.seed, _root_.seeds)}-{result_hash(_root_)}"
+
+
 RESOLVERS = {
     "repo_root": repo_root,
     "seed_tag": seed_tag,
+    "run_name": run_name,
     # optim.lr = base_lr * lr_mult (x1/x5/x30), weight decay / 5 and faster decay (Section 4.2.1)
     "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b,

@@ -10,6 +10,7 @@ becomes one ConfigError line.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -88,15 +89,22 @@ def override_sets(argv: list[str]) -> tuple[list[list[str]], bool]:
 
 
 def check_writable(path: Path) -> None:
+    """Check that the run (or sweep) directory can be created, as Hydra will try: a folder it
+    cannot create (read-only, a file in the way, /proc) is one line here instead of Hydra's
+    traceback. Probes with a temporary folder in the deepest existing parent, and leaves
+    nothing behind."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".bnrepro-write-check-", dir=existing))
+    except OSError as exc:
         raise ConfigError(
-            f"cannot create the run directory {path}: {existing} is not a "
-            f"writable folder; set hydra.run.dir (hydra.sweep.dir with -m) or "
-            f"BNREPRO_LOG_DIR"
-        )
+            f"cannot create the run directory {path} ({exc.strerror or exc}); set "
+            f"hydra.run.dir (hydra.sweep.dir with -m) or BNREPRO_LOG_DIR to a writable folder"
+        ) from exc
 
 
 def preflight(argv: list[str], config_dir: str, config_name: str = "train") -> None:

@@ -6,7 +6,7 @@ metrics.jsonl, summary.json and (logger=wandb) one W&B run into its own run dire
 
 This module imports no torch: with `-m`, the launching process only checks the command line
 and hands configs to the launcher, and sparing it torch's import starts a sweep ~2 s sooner.
-The job itself (`bnrepro.job.train`) is imported in the process that runs it.
+The job itself (`bnrepro.run.train`) is imported in the process that runs it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from omegaconf import DictConfig
 
 from bnrepro.config import check_config, register_resolvers
 from bnrepro.errors import UserError
-from bnrepro.mkl_vendor import skip_vendor_check
 from bnrepro.preflight import preflight
+from bnrepro.speedups.mkl_vendor import skip_vendor_check
 
 register_resolvers()
 log = logging.getLogger("bnrepro.train")
@@ -32,10 +32,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    if cfg.trainer.mkl_skip_vendor_check:  # before torch is imported, or it cannot take
+    if cfg.trainer.mkl_skip_vendor_check:  # opt-in; before torch is imported, or it cannot take
         log.info(skip_vendor_check())
+    else:
+        log.info("MKL kernels: its own choice (trainer.mkl_skip_vendor_check=false)")
     from bnrepro.distributed import init_distributed, shutdown
-    from bnrepro.job import train
+    from bnrepro.run import train
 
     env = None
     try:

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from bnrepro.distributed import init_distributed, shutdown, sync_bn_buffers, wrap_model
-from bnrepro.models.batchnorm import make_batchnorm
+from bnrepro.models.batchnorm import BNStats
 
 
 def main(out: Path, mode: str) -> None:
     env = init_distributed("cpu")
     torch.manual_seed(0)  # the same initial weights on every rank
-    network = nn.Sequential(nn.Linear(3, 4), make_batchnorm(4, "ema", 0.1, 1e-5))
+    bn = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=1)
+    network = nn.Sequential(nn.Linear(3, 4), bn.layer(4))
     model = wrap_model(network, env, sync_bn=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     data = torch.Generator().manual_seed(100 + env.rank)

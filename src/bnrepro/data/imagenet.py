@@ -34,7 +34,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from bnrepro.choices import DECODE_MODES
+from bnrepro.config import DECODE_MODES
 from bnrepro.data.device_decode import Augmentation, decode_and_augment
 from bnrepro.errors import ConfigError, DataError
 

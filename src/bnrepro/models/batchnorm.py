@@ -1,6 +1,9 @@
 """How BN's inference statistics are obtained: the three modes the paper and PyTorch offer.
 
-- ``ema``: PyTorch's exponential moving average (momentum 0.1, unbiased variance).
+`BNStats` holds a network's choice (the config's ``model.bn``), builds its BN layers and
+refreshes their statistics before an evaluation.
+
+- ``ema``: PyTorch's exponential moving average (``model.bn.momentum``, unbiased variance).
 - ``cumulative``: the plain average over every training batch seen (``momentum=None``).
 - ``population``: Algorithm 2 of the paper: before each evaluation, forget the running
   statistics and average them over K training mini-batches of size m with the trained
@@ -15,30 +18,94 @@ Python float: the same arithmetic as ``momentum=None``, without the sync.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from itertools import islice
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnrepro.choices import STATS_MODES
+from bnrepro.config import NORMS, STATS_MODES
 
 
-def make_batchnorm(
-    num_features: int, stats: str, momentum: float, eps: float, dims: int = 1
-) -> nn.BatchNorm1d | nn.BatchNorm2d:
-    """A BatchNorm layer whose running statistics follow `stats` (one of STATS_MODES).
+@dataclass(frozen=True)
+class BNStats:
+    """How a network's BN layers get their inference statistics (Section 3.1 / Algorithm 2).
 
-    dims=1 normalises each feature of (N, C) inputs; dims=2 each feature map of (N, C, H, W)
-    inputs over the batch and all positions (Section 3.2).
+    Built from the config's `model.bn` mapping, which holds the only defaults (configs/model).
     """
-    if stats not in STATS_MODES:
-        raise ValueError(f"bn stats must be one of {STATS_MODES}, got {stats!r}")
-    layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
-    # Population mode recomputes before every evaluation; the EMA in between costs no sync
-    # and keeps the buffers meaningful if someone evaluates without recomputing.
-    return layer(num_features, eps=eps, momentum=None if stats == "cumulative" else momentum)
+
+    stats: str  # ema | cumulative | population
+    momentum: float  # torch's EMA momentum: the layers' momentum in training, except cumulative
+    eps: float
+    population_batches: int  # K of Algorithm 2, used by population mode
+
+    def __post_init__(self) -> None:
+        if self.stats not in STATS_MODES:
+            raise ValueError(f"model.bn.stats must be one of {STATS_MODES}, got {self.stats!r}")
+
+    @classmethod
+    def from_config(cls, bn: Mapping[str, Any] | BNStats) -> BNStats:
+        """The settings of a `model.bn` mapping: every field, nothing else (no defaults here)."""
+        if isinstance(bn, BNStats):
+            return bn
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in bn]
+        unknown = sorted(set(bn) - set(names))
+        if missing or unknown:
+            raise ValueError(
+                f"model.bn needs exactly the keys {names}: missing {missing}, unknown {unknown}"
+            )
+        return cls(
+            stats=bn["stats"],
+            momentum=float(bn["momentum"]),
+            eps=float(bn["eps"]),
+            population_batches=int(bn["population_batches"]),
+        )
+
+    @property
+    def layer_momentum(self) -> float | None:
+        """The momentum BN layers are built with: None (torch's cumulative average) only for
+        cumulative; population trains with the EMA, which its recompute discards."""
+        return None if self.stats == "cumulative" else self.momentum
+
+    @property
+    def needs_population_batches(self) -> bool:
+        """Whether evaluations need training batches to recompute the statistics (Algorithm 2)."""
+        return self.stats == "population"
+
+    def layer(self, num_features: int, dims: int = 1) -> nn.BatchNorm1d | nn.BatchNorm2d:
+        """A BN layer with these settings.
+
+        dims=1 normalises each feature of (N, C) inputs; dims=2 each feature map of (N, C, H, W)
+        inputs over the batch and all positions (Section 3.2).
+        """
+        layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
+        return layer(num_features, eps=self.eps, momentum=self.layer_momentum)
+
+    def refresh(
+        self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> None:
+        """Make the inference statistics current before an evaluation: population mode
+        recomputes them from K training batches; ema and cumulative keep what training built."""
+        if not self.needs_population_batches:
+            return
+        if batches is None:
+            raise ValueError("model.bn.stats=population needs training batches to recompute from")
+        recompute_population_stats(model, batches, self.population_batches)
+
+
+def network_bn(norm: str, bn: Mapping[str, Any] | BNStats | None) -> BNStats | None:
+    """The BN settings of a network with `norm`: BNStats for "bn" (where `bn` is required),
+    None for "none". A given `bn` is checked either way, so a bad config fails on any norm."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    settings = None if bn is None else BNStats.from_config(bn)
+    if norm == "bn" and settings is None:
+        raise ValueError("norm='bn' needs the BN settings `bn` (the config's model.bn)")
+    return settings if norm == "bn" else None
 
 
 def recompute_population_stats(

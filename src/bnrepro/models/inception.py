@@ -32,11 +32,13 @@ Choices the paper leaves open, or gets wrong:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from bnrepro.choices import NORMS
-from bnrepro.models.batchnorm import make_batchnorm
+from bnrepro.models.batchnorm import BNStats, network_bn
 from bnrepro.models.mlp import ACTIVATIONS
 
 # The appendix table, one row per Inception module: #1x1, #3x3 reduce, #3x3, double #3x3
@@ -69,9 +71,10 @@ def _max_pool_3x3_s2() -> nn.MaxPool2d:
 class ConvUnit(nn.Sequential):
     """Conv -> [BN] -> activation, the building block of the whole network.
 
-    With BN the convolution has no bias, BN's beta replaces it, and BN sits right before the
-    nonlinearity, normalising each feature map over the batch and all positions (Section 3.2).
-    The activation is its own module (`act`) so that probes can hook its input.
+    With BN (`bn` not None) the convolution has no bias, BN's beta replaces it, and BN sits
+    right before the nonlinearity, normalising each feature map over the batch and all
+    positions (Section 3.2). The activation is its own module (`act`) so that probes can hook
+    its input.
     """
 
     def __init__(
@@ -81,9 +84,8 @@ class ConvUnit(nn.Sequential):
         kernel_size: int,
         stride: int = 1,
         *,
-        norm: str,
         activation: str,
-        bn: dict,
+        bn: BNStats | None,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
@@ -92,16 +94,10 @@ class ConvUnit(nn.Sequential):
             kernel_size,
             stride=stride,
             padding=kernel_size // 2,
-            bias=norm == "none",
+            bias=bn is None,
         )
-        if norm == "bn":
-            self.bn = make_batchnorm(
-                out_channels,
-                stats=bn.get("stats", "ema"),
-                momentum=bn.get("momentum", 0.1),
-                eps=bn.get("eps", 1e-5),
-                dims=2,
-            )
+        if bn is not None:
+            self.bn = bn.layer(out_channels, dims=2)
         self.act = ACTIVATIONS[activation]()
         self.out_channels = out_channels
 
@@ -127,14 +123,13 @@ class InceptionModule(nn.Module):
         proj: int,
         stride: int = 1,
         *,
-        norm: str,
         activation: str,
-        bn: dict,
+        bn: BNStats | None,
     ) -> None:
         super().__init__()
         if stride == 2 and (n1x1 or proj):
             raise ValueError("stride-2 modules have no 1x1 branch and pass the pool through")
-        unit = {"norm": norm, "activation": activation, "bn": bn}
+        unit = {"activation": activation, "bn": bn}
         self.branch1x1 = ConvUnit(in_channels, n1x1, 1, **unit) if n1x1 else None
         self.branch3x3 = nn.Sequential()
         self.branch3x3.add_module("reduce", ConvUnit(in_channels, n3x3_reduce, 1, **unit))
@@ -172,8 +167,8 @@ class BNInception(nn.Module):
     Inception baseline with conv biases. `activation="sigmoid"` gives BN-x5-Sigmoid
     (Section 4.2.2). `lrn` and `dropout` restore what Section 4.2.1 removes from the original
     Inception: local response normalisation after the first pool and after the stem's 3x3
-    conv, and dropout (40 % originally) before the classifier. `bn` carries the BN layers'
-    `stats` ("ema" | "cumulative" | "population"), `momentum` and `eps`.
+    conv, and dropout (40 % originally) before the classifier. `bn` (the config's model.bn,
+    or a BNStats) is required with norm="bn"; `self.bn_stats` keeps it (None without BN).
 
     Stages are kept in `self.stages` under the table's names (conv1, pool1, conv2_reduce,
     conv2, pool2, 3a .. 5b), so `stage_outputs` can report each one.
@@ -187,20 +182,19 @@ class BNInception(nn.Module):
         dropout: float = 0.0,
         lrn: bool = False,
         proj_4cd: int = 96,
-        bn: dict | None = None,
+        bn: Mapping[str, Any] | BNStats | None = None,
         in_channels: int = 3,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.bn_stats = network_bn(norm, bn)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if proj_4cd <= 0:
             raise ValueError(f"proj_4cd must be positive, got {proj_4cd}")
         self.activation = activation
-        unit = {"norm": norm, "activation": activation, "bn": dict(bn or {})}
+        unit = {"activation": activation, "bn": self.bn_stats}
 
         self.stages = nn.ModuleDict()
         # The paper's first convolution is separable (depth multiplier 8); implementations

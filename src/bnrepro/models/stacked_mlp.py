@@ -9,13 +9,15 @@ the B examples, so no layer copies or transposes anything and members never mix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bnrepro.choices import STATS_MODES
-from bnrepro.models.mlp import ACTIVATIONS, MLP
+from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.models.mlp import MLP, init_gaussian, mlp_layers
 
 
 class StackedLinear(nn.Module):
@@ -48,10 +50,11 @@ class StackedBatchNorm(nn.BatchNorm1d):
 
 
 class StackedMLP(nn.Module):
-    """`members` MLPs of identical shape.
+    """`members` MLPs of identical shape, built from MLP's own arguments.
 
     Input (M, B, in), member i's batch in row i, or (B, in) shared by all members; output
-    logits (M, B, classes).
+    logits (M, B, classes). A fresh StackedMLP draws its own Gaussian weights; `load_member`
+    copies in an MLP's, so member i can start exactly where its plain run would.
     """
 
     def __init__(
@@ -63,63 +66,53 @@ class StackedMLP(nn.Module):
         activation: str = "sigmoid",
         norm: str = "none",
         dropout: float = 0.0,
-        bn: dict | None = None,
+        init_std: float = 0.1,
+        bn: Mapping[str, Any] | BNStats | None = None,
     ) -> None:
         super().__init__()
-        bn = dict(bn or {})
-        stats = bn.get("stats", "ema")
-        if stats not in STATS_MODES:
-            raise ValueError(f"bn stats must be one of {STATS_MODES}, got {stats!r}")
         self.members = members
-        self.layers = nn.ModuleDict()
-        width = in_features
-        for i, out in enumerate(hidden, start=1):
-            block = nn.Sequential()
-            block.add_module("linear", StackedLinear(members, width, out, bias=norm == "none"))
-            if norm == "bn":
-                momentum = None if stats == "cumulative" else bn.get("momentum", 0.1)
-                block.add_module(
-                    "bn", StackedBatchNorm(members, out, bn.get("eps", 1e-5), momentum)
-                )
-            block.add_module("act", ACTIVATIONS[activation]())
-            if dropout > 0:
-                block.add_module("dropout", nn.Dropout(dropout))
-            self.layers[f"h{i}"] = block
-            width = out
-        self.classifier = StackedLinear(members, width, num_classes, bias=True)
+        self.bn_stats = network_bn(norm, bn)
+        bn_layer = None
+        if self.bn_stats is not None:
+            bn_layer = partial(
+                StackedBatchNorm,
+                members,
+                eps=self.bn_stats.eps,
+                momentum=self.bn_stats.layer_momentum,
+            )
+        self.layers, self.classifier = mlp_layers(
+            in_features,
+            hidden,
+            num_classes,
+            activation,
+            dropout,
+            partial(StackedLinear, members),
+            bn_layer,
+        )
+        init_gaussian([*(b.linear for b in self.layers.values()), self.classifier], init_std)
 
     @classmethod
-    def from_members(cls, mlps: Sequence[MLP]) -> StackedMLP:
-        """Stack already initialised MLPs of one shape, copying their weights and buffers."""
-        blocks = list(mlps[0].layers.values())
-        bn = blocks[0]._modules.get("bn")
-        dropout = blocks[0]._modules.get("dropout")
-        activation = next(k for k, v in ACTIVATIONS.items() if isinstance(blocks[0].act, v))
-        stacked = cls(
-            len(mlps),
-            in_features=blocks[0].linear.in_features,
-            hidden=[b.linear.out_features for b in blocks],
-            num_classes=mlps[0].classifier.out_features,
-            activation=activation,
-            norm="bn" if bn is not None else "none",
-            dropout=dropout.p if dropout is not None else 0.0,
-            bn=None
-            if bn is None
-            else {
-                "stats": "ema" if bn.momentum is not None else "cumulative",
-                "momentum": bn.momentum,
-                "eps": bn.eps,
-            },
-        )
-        with torch.no_grad():
-            for i, mlp in enumerate(mlps):
-                stacked.load_member(i, mlp)
+    def from_members(cls, mlps: Sequence[MLP], **mlp_kwargs: Any) -> StackedMLP:
+        """Stack initialised MLPs built with `mlp_kwargs` (MLP's arguments), copying their
+        weights and buffers."""
+        stacked = cls(len(mlps), **mlp_kwargs)
+        for i, mlp in enumerate(mlps):
+            stacked.load_member(i, mlp)
         return stacked
 
+    @torch.no_grad()
     def load_member(self, i: int, mlp: MLP) -> None:
-        """Copy one plain MLP's parameters and BN buffers into member i."""
+        """Copy one plain MLP's parameters and BN buffers into member i.
+
+        The MLP must have been built from the same arguments; shapes and BN settings are checked.
+        """
+        mismatch = ValueError(f"member {i}: the MLP was built with other arguments than the stack")
+        if mlp.bn_stats != self.bn_stats or _blocks(mlp) != _blocks(self):
+            raise mismatch
         pairs = [(self.classifier, mlp.classifier)]
         pairs += [(self.layers[n].linear, mlp.layers[n].linear) for n in self.layers]
+        if any(stacked.weight.shape[1:] != plain.weight.shape for stacked, plain in pairs):
+            raise mismatch  # copy_ would broadcast some of these
         for stacked, plain in pairs:
             stacked.weight[i].copy_(plain.weight)
             if stacked.bias is not None:
@@ -142,3 +135,12 @@ class StackedMLP(nn.Module):
             h = block(h)
         # (M, B, classes) logits as a view: member_losses turns them back without a copy.
         return self.classifier(h).transpose(1, 2)
+
+
+def _blocks(model: MLP | StackedMLP) -> list[tuple[str, type, float]]:
+    """Each hidden layer's name, activation and dropout: what `load_member` cannot see in
+    the weights' shapes."""
+    return [
+        (name, type(block.act), getattr(block._modules.get("dropout"), "p", 0.0))
+        for name, block in model.layers.items()
+    ]

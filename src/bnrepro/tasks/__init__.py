@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from bnrepro.distributed import DistEnv
+from bnrepro.models.batchnorm import BNStats
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,14 +35,15 @@ class Task:
     monitor: str  # the accuracy key the summary reports, e.g. "test/acc" or "val/top1"
 
 
-def build_task(cfg: DictConfig, env: DistEnv) -> Task:
-    """The task of `cfg.data.name`; data problems raise DataError before any training."""
+def build_task(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> Task:
+    """The task of `cfg.data.name`, with population batches when `bn` needs them; data
+    problems raise DataError before any training."""
     if cfg.data.name == "mnist":
         from bnrepro.tasks.mnist import build_mnist_task
 
-        return build_mnist_task(cfg, env)
+        return build_mnist_task(cfg, env, bn)
     if cfg.data.name == "imagenet":
         from bnrepro.tasks.imagenet import build_imagenet_task
 
-        return build_imagenet_task(cfg, env)
+        return build_imagenet_task(cfg, env, bn)
     raise ValueError(f"unknown data.name {cfg.data.name!r}")

@@ -17,10 +17,11 @@ from bnrepro.data.imagenet import (
     topk_correct,
 )
 from bnrepro.distributed import DistEnv, sum_across_ranks
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
 
 
-def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
+def build_imagenet_task(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> Task:
     d, t = cfg.data, cfg.trainer
     decode = resolve_decode(d.decode, env.device)  # a bad value fails before any file is read
     augmentation = TrainAugmentation(
@@ -41,7 +42,7 @@ def build_imagenet_task(cfg: DictConfig, env: DistEnv) -> Task:
     )
     train_batches = build_train_batches(train_set, augmentation, seed=cfg.seed, **common)
     population = None
-    if cfg.model.norm == "bn" and cfg.model.bn.stats == "population":
+    if bn is not None and bn.needs_population_batches:
         population = build_train_batches(
             train_set, augmentation, seed=cfg.seed + POPULATION_SEED_OFFSET, **common
         )

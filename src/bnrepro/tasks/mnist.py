@@ -14,10 +14,11 @@ from torch import nn
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import load_mnist
 from bnrepro.distributed import DistEnv
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
 
 
-def build_mnist_task(cfg: DictConfig, env: DistEnv) -> Task:
+def build_mnist_task(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> Task:
     data = load_mnist(
         cfg.data.root,
         download=cfg.data.download,
@@ -37,6 +38,8 @@ def build_mnist_task(cfg: DictConfig, env: DistEnv) -> Task:
         if cfg.seeds:
             return stacked_batches(train_x, train_y, batch, generators)
         return shuffled_batches(train_x, train_y, batch, generators[0])
+
+    needs_population = bn is not None and bn.needs_population_batches
 
     @torch.inference_mode()
     def evaluate(model: nn.Module) -> list[dict[str, float]]:
@@ -61,7 +64,7 @@ def build_mnist_task(cfg: DictConfig, env: DistEnv) -> Task:
 
     return Task(
         train_batches=batches(0),
-        population_batches=batches(POPULATION_SEED_OFFSET),
+        population_batches=batches(POPULATION_SEED_OFFSET) if needs_population else None,
         evaluate=evaluate,
         probe_x=test_x[: cfg.trainer.probe.num_images],
         monitor="test/acc",

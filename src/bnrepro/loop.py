@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from bnrepro.distributed import DistEnv, sync_bn_buffers
 from bnrepro.graph_step import GraphStep
-from bnrepro.models.batchnorm import recompute_population_stats
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.optim import StepwiseExponentialLR
 from bnrepro.probes import nonlinearity_input_percentiles
 from bnrepro.tasks import Task
@@ -37,8 +37,7 @@ class LoopSettings:
     eval_at_start: bool
     probe_unit: int
     percentiles: list[float]
-    bn_stats: str = "ema"
-    population_batches: int = 100
+    bn: BNStats | None = None  # the network's BN statistics (None: no BN)
     amp: bool = False  # bf16 autocast (GPU only)
     progress: bool = True
     progress_desc: str = "train"
@@ -122,8 +121,8 @@ def evaluation_records(
 
     `model` is the bare network (not the DDP wrapper): evaluation runs no collective of DDP.
     """
-    if settings.bn_stats == "population":
-        recompute_population_stats(model, task.population_batches, settings.population_batches)
+    if settings.bn is not None:  # Algorithm 2 in population mode; nothing for the others
+        settings.bn.refresh(model, task.population_batches)
     sync_bn_buffers(env, model, settings.dist_bn)
     probes = nonlinearity_input_percentiles(
         model, model.nonlinearities(), task.probe_x, settings.probe_unit, settings.percentiles

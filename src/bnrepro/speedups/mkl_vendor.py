@@ -9,10 +9,12 @@ benchmarked on, one thread: 215 against 88 GFLOP/s for the MLP's first layer (60
 and 188 against 82 for its 100x100 layers. Only the kernels change, so results change only in
 the order of float sums.
 
-It must run before `import torch` (loaded after, it changed nothing here), so the trainer
-calls it first thing in each job, and it is a no-op on other vendors, without
-the compiled library (no C compiler at install) or when turned off:
-`trainer.mkl_skip_vendor_check=false`.
+Opt-in (`trainer.mkl_skip_vendor_check=true`; off by default: it reaches into MKL's internals,
+which the reproduction's numbers should not depend on). With it, `make reproduce-mnist` took
+97.9 s on that machine (issue 4's bench, results/bench/mnist.md); the MLP's matmuls were 2.3x
+faster. It must run before `import torch` (loaded after, it changed nothing here), so the
+trainer calls it first thing in each job, and it is a no-op on other vendors and without the
+compiled library (no C compiler at install).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import ctypes
 import importlib.util
 import sys
 
-LIBRARY = "bnrepro._mkl_intel_cpu"
+LIBRARY = "bnrepro.speedups._mkl_intel_cpu"
 _loaded = False
 
 

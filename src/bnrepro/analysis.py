@@ -1,15 +1,75 @@
-"""Comparing variants (Figures 2 and 3, and the MNIST grid): curves and the table
-"steps to reach X % / max accuracy", from run directories or from a W&B project."""
+"""Reading finished runs back, for the figure scripts: run directories (or a W&B project),
+each run's variant, and the comparison of variants (Figures 2 and 3, the MNIST grid): curves
+and the table "steps to reach X % / max accuracy". The trainer never imports this module.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
-from bnrepro.runs import RunRecord
+# The variant groups of the paper (configs/norm, activation, dropout, lr_mult) and the BN
+# statistics mode: what `summary.json` records as a run's "variant".
+VARIANT_KEYS = ("norm", "activation", "dropout", "lr_mult", "bn_stats")
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+
+    @property
+    def arm(self) -> str:
+        return self.summary["arm"]
+
+    @property
+    def seed(self) -> int:
+        return self.summary["seed"]
+
+    @property
+    def variant(self) -> dict[str, Any]:
+        """norm, activation, dropout, lr_mult, bn_stats: from summary.json, or for runs made
+        before summaries recorded it, from the resolved config stored beside them."""
+        if "variant" in self.summary:
+            return self.summary["variant"]
+        for name in ("config.yaml", ".hydra/config.yaml"):
+            if (self.path / name).is_file():
+                cfg = OmegaConf.to_container(OmegaConf.load(self.path / name))
+                model, optim = cfg["model"], cfg["optim"]
+                return {
+                    "norm": model["norm"],
+                    "activation": model["activation"],
+                    "dropout": model["dropout"],
+                    "lr_mult": optim["lr_mult"],
+                    "bn_stats": model["bn"]["stats"] if model["norm"] == "bn" else None,
+                }
+        raise ValueError(f"{self.path}: no variant in summary.json and no config.yaml beside it")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def find_runs(root: str | Path) -> list[RunRecord]:
+    """Every run directory below `root` (those holding a summary.json), sorted by arm and seed."""
+    runs = []
+    for summary_path in sorted(Path(root).rglob("summary.json")):
+        run_dir = summary_path.parent
+        runs.append(
+            RunRecord(
+                path=run_dir,
+                summary=json.loads(summary_path.read_text()),
+                metrics=read_metrics(run_dir / "metrics.jsonl"),
+            )
+        )
+    return sorted(runs, key=lambda r: (r.arm, r.seed))
 
 
 @dataclass
@@ -123,8 +183,6 @@ def runs_from_wandb(project: str, metric: str) -> list[RunRecord]:
 
     Needs network access and `wandb login`; the summary keys are those of summary.json.
     """
-    from pathlib import Path
-
     import wandb
 
     records = []

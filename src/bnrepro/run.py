@@ -1,0 +1,308 @@
+"""A run, from its composed config to its summaries: `train(cfg, env)` is what every job does.
+
+Hydra names the run directory (`run_name` in bnrepro.config: the arm, the seeds and a hash of
+the settings that define the result), so the same command finds the same directory again:
+`train` returns at once when the run there has finished, resumes it from its checkpoint when
+it has not, and starts it otherwise. It builds the task, the network(s) (plain, seeds stacked
+in one StackedMLP, DDP, compiled), the optimizer and the trackers, trains with
+`bnrepro.loop.fit`, and writes each network's summary.json and figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bnrepro.checkpoint import Checkpointer, find_resume
+from bnrepro.config import result_hash
+from bnrepro.distributed import DistEnv, broadcast_object, device_name, replicas_in_sync, wrap_model
+from bnrepro.errors import ConfigError
+from bnrepro.loop import LoopResult, LoopSettings, Preempted, fit
+from bnrepro.models.batchnorm import network_bn
+from bnrepro.optim import build_optimizer, build_scheduler
+from bnrepro.plots import plot_run
+from bnrepro.preemption import PreemptionSignals
+from bnrepro.tasks import build_task
+from bnrepro.tracking import Tracker, open_trackers
+
+log = logging.getLogger("bnrepro.train")
+FINISHED = ("completed", "diverged")  # a run with this status is not trained again
+
+
+def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
+    """Train the network(s) `cfg` describes, resuming from a checkpoint when there is one;
+    return one summary per network."""
+    run_dir = Path(broadcast_object(env, cfg.paths.output_dir))  # rank 0's, for safety
+    done = None if cfg.resume == "never" else finished_summaries(member_runs(cfg, run_dir, False))
+    if done is not None:
+        statuses = ", ".join(sorted({s["status"] for s in done}))
+        log.info(f"already finished ({statuses}): {run_dir}; nothing to train")
+        return done
+    torch.set_num_threads(cfg.trainer.num_threads)
+    torch.set_flush_denormal(cfg.trainer.flush_denormal)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
+    task = build_task(cfg, env, network_bn(cfg.model.norm, cfg.model.bn))
+    network, model = build_model(cfg, env)
+    settings = loop_settings(cfg, env)
+    log.info(f"device: {device_name(env.device)}" + (", CUDA graph" if settings.cuda_graph else ""))
+    if env.enabled:
+        syncbn = " with SyncBatchNorm" if cfg.trainer.sync_bn else ""
+        log.info(
+            f"distributed: {dist.get_backend()} backend, {env.world_size} process(es), DDP"
+            f"{syncbn}, trainer.dist_bn={cfg.trainer.dist_bn}"
+        )
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim)
+    checkpoints = Checkpointer(run_dir, cfg, network, optimizer, scheduler, task, env.is_main)
+    resume_from = find_resume(cfg.resume, run_dir)
+    state = checkpoints.restore(resume_from) if resume_from else None
+    if state is not None:
+        log.info(f"resuming from {resume_from} at step {state.step}")
+    runs = member_runs(cfg, run_dir, write=env.is_main)
+    device = device_name(env.device)
+    histories = [r.history for r in state.results] if state else None
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack, PreemptionSignals() as signals:
+        trackers = open_trackers(stack, runs, env.is_main, histories, checkpoints.wandb_ids)
+        checkpoints.trackers = trackers
+
+        def write_summaries(status: str, results: list[LoopResult]) -> None:
+            for (member_cfg, _), tracker, result in zip(runs, trackers, results, strict=True):
+                result = replace(result, status=status) if result.status == "completed" else result
+                seconds = time.perf_counter() - start
+                summary = summarize(member_cfg, task.monitor, result, seconds, device)
+                tracker.write_summary(summary)
+
+        try:
+            results = fit(
+                model,
+                optimizer,
+                scheduler,
+                task,
+                settings,
+                trackers,
+                env,
+                state,
+                checkpoints.save,
+                signals.requested,
+            )
+        except Preempted as stop:
+            log.warning(
+                f"stopped by a signal at step {stop.step}; checkpoint written, the same "
+                f"command resumes"
+            )
+            write_summaries("preempted", checkpoints.last_state.results)
+            signals.hand_over()
+        except Exception:
+            write_summaries("failed", [LoopResult("failed", 0) for _ in runs])
+            raise
+        seconds = checkpoints.last_state.seconds if checkpoints.last_state else 0.0
+        return [
+            finish_run(c, d, tracker, network, result, task.monitor, seconds, env)
+            for (c, d), tracker, result in zip(runs, trackers, results, strict=True)
+        ]
+
+
+def seed_everything(seed: int) -> None:
+    """Reset every global RNG: multirun jobs of the basic launcher share one process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loop_settings(cfg: DictConfig, env: DistEnv) -> LoopSettings:
+    return LoopSettings(
+        steps=cfg.trainer.steps,
+        eval_every=cfg.trainer.eval_every,
+        eval_at_start=cfg.trainer.eval_at_start,
+        probe_unit=cfg.trainer.probe.unit,
+        percentiles=list(cfg.trainer.probe.percentiles),
+        bn=network_bn(cfg.model.norm, cfg.model.bn),
+        amp=cfg.trainer.amp == "bf16" and env.device.type == "cuda",
+        progress=cfg.trainer.progress,
+        checkpoint_every=cfg.trainer.checkpoint_every,
+        diverge_loss=cfg.trainer.diverge_loss,
+        sync_every=cfg.trainer.sync_every,
+        cuda_graph=use_cuda_graph(cfg, env),
+        dist_bn=cfg.trainer.dist_bn,
+        progress_desc=f"{cfg.arm} seed{'s' if cfg.seeds else ''} "
+        + ",".join(map(str, cfg.seeds or [cfg.seed])),
+    )
+
+
+def use_cuda_graph(cfg: DictConfig, env: DistEnv) -> bool:
+    """Whether the training step is captured in a CUDA graph (graph_step.py says what that
+    needs): `auto` where it can be, `true` insists (one line when it cannot), `false` never."""
+    wanted = cfg.trainer.cuda_graph
+    if wanted is False:
+        return False
+    bn = network_bn(cfg.model.norm, cfg.model.bn)
+    obstacles = [
+        (env.device.type != "cuda", "the device is not a GPU"),
+        (env.enabled, "the job runs under torchrun (DDP)"),
+        (cfg.trainer.compile, "trainer.compile=true"),
+        (env.device.type == "cuda" and cfg.trainer.amp == "bf16", "trainer.amp=bf16"),
+        (bool(cfg.optim.get("schedule")), "the learning rate follows a schedule"),
+        (
+            bn is not None and bn.layer_momentum is None,
+            "model.bn.stats=cumulative reads its momentum on the host",
+        ),
+    ]
+    reasons = [why for present, why in obstacles if present]
+    if reasons and wanted is True:
+        raise ConfigError(
+            f"trainer.cuda_graph=true cannot capture this run: {reasons[0]}; "
+            f"use trainer.cuda_graph=auto (captures when it can) or false"
+        )
+    return not reasons
+
+
+def build_model(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The network (same initial weights on every rank; with `seeds`, one StackedMLP member
+    per seed, each initialised as its plain run would be) and what trains it (DDP, compiled)."""
+    if cfg.seeds:
+        stacked = "bnrepro.models.stacked_mlp.StackedMLP"
+        network = instantiate(cfg.model, _target_=stacked, members=len(cfg.seeds))
+        for i, seed in enumerate(cfg.seeds):
+            seed_everything(seed)
+            network.load_member(i, instantiate(cfg.model))
+    else:
+        seed_everything(cfg.seed)
+        network = instantiate(cfg.model)
+    network = network.to(env.device)
+    if cfg.trainer.channels_last and env.device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last)
+    trained = wrap_model(network, env, cfg.trainer.sync_bn)
+    # Per-rank streams for dropout and augmentation; rank 0 keeps the single-process stream.
+    seed_everything(cfg.seed + env.rank)
+    return network, torch.compile(trained) if cfg.trainer.compile else trained
+
+
+def finished_summaries(runs: list[tuple[DictConfig, Path]]) -> list[dict[str, Any]] | None:
+    """Every network's summary when all of them have finished (completed or diverged) with
+    the settings asked for now: then there is nothing to train. None when any is missing,
+    preempted, failed, or was made with other settings (a run directory given by hand)."""
+    summaries = []
+    for member_cfg, run_dir in runs:
+        path = run_dir / "summary.json"
+        if not path.is_file():
+            return None
+        summary = json.loads(path.read_text())
+        if summary.get("status") not in FINISHED:
+            return None
+        if summary.get("result_hash") != result_hash(member_cfg):
+            return None
+        summaries.append(summary)
+    return summaries
+
+
+def variant(cfg: DictConfig) -> dict[str, Any]:
+    """The run's place among the paper's variants, as figure scripts group runs."""
+    bn = cfg.model.norm == "bn"
+    return {
+        "norm": cfg.model.norm,
+        "activation": cfg.model.activation,
+        "dropout": cfg.model.dropout,
+        "lr_mult": cfg.optim.lr_mult,
+        "bn_stats": cfg.model.bn.stats if bn else None,
+    }
+
+
+def summarize(
+    cfg: DictConfig, monitor: str, result: LoopResult, seconds: float, device: str
+) -> dict[str, Any]:
+    """summary.json: status, steps, final and best accuracy (`monitor`), wall time, names, the
+    variant and key settings, and the device that made the result."""
+    key = monitor.replace("/", "_")  # test/acc -> final_test_acc, best_test_acc
+    accs = [r[monitor] for r in result.history]
+    best = max(range(len(accs)), key=accs.__getitem__) if accs else None
+    return {
+        "status": result.status,
+        "steps": result.steps,
+        "diverged_at_step": result.diverged_at_step,
+        f"final_{key}": accs[-1] if accs else None,
+        f"best_{key}": accs[best] if best is not None else None,
+        "best_step": result.history[best]["step"] if best is not None else None,
+        "wall_seconds": round(seconds, 3),
+        # The whole process's peak (all members of a stacked job share it).
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "experiment": cfg.experiment_name,
+        "arm": cfg.arm,
+        "seed": cfg.seed,
+        "variant": variant(cfg),
+        "result_hash": result_hash(cfg),  # what a re-run compares to skip a finished run
+        "settings": {
+            "lr": cfg.optim.lr,
+            "batch_size": cfg.data.batch_size,
+            "trainer_steps": cfg.trainer.steps,
+            "data": cfg.data.name,
+        },
+        "device": device,
+    }
+
+
+def member_runs(
+    cfg: DictConfig, run_dir: Path, write: bool = True
+) -> list[tuple[DictConfig, Path]]:
+    """(config, run directory) of each trained network: the job itself, or with `seeds` one
+    per seed in <run_dir>/seed<k>/, each a complete run directory of its own."""
+    if not cfg.seeds:
+        return [(cfg, run_dir)]
+    runs = []
+    for seed in cfg.seeds:
+        member = cfg.copy()
+        with open_dict(member):
+            member.seed, member.seeds = seed, None
+        member_dir = run_dir / f"seed{seed}"
+        if write:  # what Hydra writes for a job, so every run directory looks the same
+            (member_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(member, member_dir / ".hydra" / "config.yaml")
+        runs.append((member, member_dir))
+    return runs
+
+
+def finish_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    tracker: Tracker,
+    network: torch.nn.Module,
+    result: LoopResult,
+    monitor: str,
+    seconds: float,
+    env: DistEnv,
+) -> dict[str, Any]:
+    """Write one network's summary.json and figure; return the summary."""
+    summary = summarize(cfg, monitor, result, seconds, device_name(env.device))
+    if env.enabled:
+        summary |= {
+            "world_size": env.world_size,
+            "replicas_in_sync": replicas_in_sync(env, network),
+        }
+    if result.history and env.is_main:
+        last_layer = list(network.nonlinearities())[-1]
+        plot_run(
+            result.history, monitor, last_layer, f"{cfg.arm} seed {cfg.seed}", run_dir / "run.png"
+        )
+        tracker.log_image("figure/run", run_dir / "run.png")
+    tracker.write_summary(summary)
+    final = summary[f"final_{monitor.replace('/', '_')}"]
+    if env.is_main:
+        log.info(
+            f"{cfg.arm} seed {cfg.seed}: {summary['status']} after {summary['steps']} "
+            f"steps, final {monitor} {final}, {seconds:.1f} s"
+        )
+    return summary
