@@ -18,9 +18,9 @@ SWEEP = [
     "-m",
     "experiment=mnist/bn",
     "seed=1,2,3,4",
-    "trainer.steps=1200",
-    "trainer.eval_every=300",
-    "trainer.checkpoint_every=300",
+    "trainer.steps=800",
+    "trainer.eval_every=200",
+    "trainer.checkpoint_every=200",
     "model.bn.population_batches=10",
     "logger=wandb",
 ]
@@ -79,7 +79,7 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(mnist_root, tmp_p
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for((sweep, "bn-seed3-*/metrics.jsonl"), '"step": 600,', proc)
+    wait_for((sweep, "bn-seed3-*/metrics.jsonl"), '"step": 400,', proc)
     proc.kill()
     proc.wait()
     finished = {s: (job_dir(sweep, s) / "metrics.jsonl").stat().st_mtime_ns for s in (1, 2)}
