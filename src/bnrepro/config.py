@@ -40,6 +40,8 @@ def seed_tag(seed: int, seeds: list[int] | None) -> str:
 
 # Settings that change how fast a run goes, how it reports or where its files are, but not its
 # numbers: they are left out of the run directory's hash, so changing them finds the same run.
+# Every other key counts, so a new result-defining key added to the configs later changes every
+# hash: runs made before it are not found again (and would be retrained). Add speed-only keys here.
 NOT_RESULT = (
     "experiment_name",
     "arm",
