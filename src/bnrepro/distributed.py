@@ -23,12 +23,9 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    launched: bool = False  # under torchrun/submitit: a process group exists, even of one
-
-    @property
-    def enabled(self) -> bool:
-        """Whether collectives run (DDP, all-reduce): launched by torchrun, however many ranks."""
-        return self.launched
+    # Launched by torchrun (or submitit): a process group exists and collectives run (DDP,
+    # all-reduce), however many ranks there are, one included.
+    enabled: bool = False
 
     @property
     def is_main(self) -> bool:

@@ -31,7 +31,7 @@ from bnrepro.config import result_hash
 from bnrepro.distributed import DistEnv, broadcast_object, device_name, replicas_in_sync, wrap_model
 from bnrepro.errors import ConfigError
 from bnrepro.loop import LoopResult, LoopSettings, Preempted, fit
-from bnrepro.models.batchnorm import network_bn
+from bnrepro.models.batchnorm import BNStats, network_bn
 from bnrepro.optim import build_optimizer, build_scheduler
 from bnrepro.plots import plot_run
 from bnrepro.preemption import PreemptionSignals
@@ -55,10 +55,12 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
     torch.set_flush_denormal(cfg.trainer.flush_denormal)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
-    task = build_task(cfg, env, network_bn(cfg.model.norm, cfg.model.bn))
+    device = device_name(env.device)
+    bn = network_bn(cfg.model.norm, cfg.model.bn)  # the BN statistics the task and loop ask
+    task = build_task(cfg, env, bn)
     network, model = build_model(cfg, env)
-    settings = loop_settings(cfg, env)
-    log.info(f"device: {device_name(env.device)}" + (", CUDA graph" if settings.cuda_graph else ""))
+    settings = loop_settings(cfg, env, bn)
+    log.info(f"device: {device}" + (", CUDA graph" if settings.cuda_graph else ""))
     if env.enabled:
         syncbn = " with SyncBatchNorm" if cfg.trainer.sync_bn else ""
         log.info(
@@ -73,7 +75,6 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
     if state is not None:
         log.info(f"resuming from {resume_from} at step {state.step}")
     runs = member_runs(cfg, run_dir, write=env.is_main)
-    device = device_name(env.device)
     histories = [r.history for r in state.results] if state else None
     start = time.perf_counter()
     with contextlib.ExitStack() as stack, PreemptionSignals() as signals:
@@ -124,33 +125,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loop_settings(cfg: DictConfig, env: DistEnv) -> LoopSettings:
+def loop_settings(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> LoopSettings:
     return LoopSettings(
         steps=cfg.trainer.steps,
         eval_every=cfg.trainer.eval_every,
         eval_at_start=cfg.trainer.eval_at_start,
         probe_unit=cfg.trainer.probe.unit,
         percentiles=list(cfg.trainer.probe.percentiles),
-        bn=network_bn(cfg.model.norm, cfg.model.bn),
+        bn=bn,
         amp=cfg.trainer.amp == "bf16" and env.device.type == "cuda",
         progress=cfg.trainer.progress,
         checkpoint_every=cfg.trainer.checkpoint_every,
         diverge_loss=cfg.trainer.diverge_loss,
         sync_every=cfg.trainer.sync_every,
-        cuda_graph=use_cuda_graph(cfg, env),
+        cuda_graph=use_cuda_graph(cfg, env, bn),
         dist_bn=cfg.trainer.dist_bn,
         progress_desc=f"{cfg.arm} seed{'s' if cfg.seeds else ''} "
         + ",".join(map(str, cfg.seeds or [cfg.seed])),
     )
 
 
-def use_cuda_graph(cfg: DictConfig, env: DistEnv) -> bool:
+def use_cuda_graph(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> bool:
     """Whether the training step is captured in a CUDA graph (graph_step.py says what that
     needs): `auto` where it can be, `true` insists (one line when it cannot), `false` never."""
     wanted = cfg.trainer.cuda_graph
     if wanted is False:
         return False
-    bn = network_bn(cfg.model.norm, cfg.model.bn)
     obstacles = [
         (env.device.type != "cuda", "the device is not a GPU"),
         (env.enabled, "the job runs under torchrun (DDP)"),
