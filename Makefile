@@ -20,11 +20,22 @@ ARGS ?=
 SWEEP_DIR ?= logs/reproduce-mnist
 GRID_SWEEP_DIR ?= logs/reproduce-mnist-grid
 MNIST_RESULTS := results/mnist
+FASHION_SWEEP_DIR ?= logs/reproduce-fashion
+FASHION_RESULTS := results/fashion_mnist
+# Figures 2 and 3 at small scale: BN-Inception scaled down on Fashion-MNIST, 7 arms x 3 seeds.
+FIG2_SEEDS ?= 1,2,3
+FIG2_DEVICE ?= auto
+FIG2_SWEEP_DIR ?= logs/reproduce-fig2-small
+FIG2_RESULTS := results/fig2_small
+FIG2_ARMS := inception bn_baseline bn_x5 bn_x30 bn_x5_sigmoid inception_x5 inception_sigmoid
+comma := ,
+space := $(subst ,, )
+FIG2_EXPERIMENTS := $(subst $(space),$(comma),$(addprefix fig2_small/,$(FIG2_ARMS)))
 # The Figure 3 grid in miniature: every combination of the variant groups on the MNIST MLP.
 GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,inception
 
 .PHONY: help install lint format test test-full test-gpu reproduce-mnist reproduce-mnist-grid \
-	figures bench bench-imagenet bench-gpu clean
+	reproduce-fashion reproduce-fig2-small report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -73,9 +84,28 @@ reproduce-mnist-grid: install ## The variant grid on MNIST (24 runs), then resul
 	$(PY) scripts/collect_runs.py $(GRID_SWEEP_DIR) $(MNIST_RESULTS)/grid_runs
 	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
 
+reproduce-fashion: install ## Figure 1 on Fashion-MNIST (data=fashion_mnist), then results/fashion_mnist/
+	$(PY) -m bnrepro.train --multirun experiment=mnist/baseline,mnist/bn data=fashion_mnist \
+		"seeds=$(SEEDS)" trainer.device=$(DEVICE) hydra/launcher=joblib \
+		hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(FASHION_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(FASHION_SWEEP_DIR) $(FASHION_RESULTS)/runs
+	$(PY) scripts/make_figure1.py --runs $(FASHION_RESULTS)/runs --out $(FASHION_RESULTS)
+
+reproduce-fig2-small: install ## Figures 2 and 3 at small scale (Fashion-MNIST), results/fig2_small/
+	$(PY) -m bnrepro.train --multirun experiment=$(FIG2_EXPERIMENTS) seed=$(FIG2_SEEDS) \
+		trainer.device=$(FIG2_DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=$(FIG2_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(FIG2_SWEEP_DIR) $(FIG2_RESULTS)/runs
+	$(PY) scripts/make_figure2.py --small --runs $(FIG2_RESULTS)/runs --out $(FIG2_RESULTS)
+
+report: install ## results/REPORT.md: every claim of the paper, ours with a 95 % CI and a verdict
+	$(PY) scripts/make_report.py --results results --out results/REPORT.md
+
 figures: install ## Rebuild every figure in results/ from the run logs stored there
 	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
 	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
+	$(PY) scripts/make_figure1.py --runs $(FASHION_RESULTS)/runs --out $(FASHION_RESULTS)
+	$(PY) scripts/make_figure2.py --small --runs $(FIG2_RESULTS)/runs --out $(FIG2_RESULTS)
 
 bench: install ## MNIST speed: DataLoader vs in-memory vs the trainer, and make reproduce-mnist's wall time
 	$(PY) scripts/bench_mnist.py --data-dir "$${DATA_DIR:-data}"

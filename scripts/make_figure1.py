@@ -1,6 +1,7 @@
-"""Figure 1 of the paper from stored MNIST run logs.
+"""Figure 1 of the paper from stored MNIST (or Fashion-MNIST) run logs.
 
     python scripts/make_figure1.py --runs results/mnist/runs --out results/mnist
+    python scripts/make_figure1.py --runs results/fashion_mnist/runs --out results/fashion_mnist
 
 (a) test accuracy against training step, mean and min-max band over seeds, with and
 without BN; (b, c) the 15th/50th/85th percentiles of the input to one typical sigmoid of the
@@ -23,7 +24,11 @@ from bnrepro.plots import plot_accuracy_band, plot_percentiles, save
 
 ARMS = {"baseline": "Without BN", "bn": "With BN"}
 COLORS = {"baseline": "tab:blue", "bn": "tab:red"}
-COMMAND = "make reproduce-mnist"
+# data.name -> the dataset's name, the command that makes its runs, panel (a)'s accuracy range.
+DATASETS = {
+    "mnist": ("MNIST", "make reproduce-mnist", (90, 100)),
+    "fashion_mnist": ("Fashion-MNIST", "make reproduce-fashion", (75, 92)),
+}
 DRIFT_KEYS = ("p50_drift", "spread_drift", "p50_range", "spread_range")
 
 
@@ -32,8 +37,22 @@ def last_hidden_layer(run: RunRecord) -> str:
     return max(layers, key=lambda name: int(name[1:]))
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
+def mean_std(values: list[float]) -> dict:
+    """Mean, population std and n, with every seed's value (the report's intervals use them)."""
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values)),
+        "n": len(values),
+        "values": [float(v) for v in values],
+    }
+
+
+def dataset_of(runs: list[RunRecord]) -> str:
+    """data.name of the runs (summaries record it; runs made before that were MNIST)."""
+    names = {r.summary.get("settings", {}).get("data", "mnist") for r in runs}
+    if len(names) != 1:
+        raise SystemExit(f"error: runs of several datasets ({sorted(names)}); give one sweep")
+    return names.pop()
 
 
 def trace(run: RunRecord, layer: str, key: str) -> np.ndarray:
@@ -79,15 +98,17 @@ def first_step_reaching(steps: list[int], curve: np.ndarray, target: float) -> i
 
 
 def build(runs: list[RunRecord], out: Path) -> dict:
+    data = dataset_of(runs)
+    dataset, command, acc_range = DATASETS[data]
     by_arm = {arm: [r for r in runs if r.arm == arm] for arm in ARMS}
     missing = [arm for arm, rs in by_arm.items() if not rs]
     if missing:
-        raise SystemExit(f"error: no runs of arm(s) {missing}; run `{COMMAND}` first")
+        raise SystemExit(f"error: no runs of arm(s) {missing}; run `{command}` first")
     layer = last_hidden_layer(runs[0])
     trace_seed = min(r.seed for r in runs)
     devices = sorted({r.summary["device"] for r in runs if "device" in r.summary})
     result: dict = {
-        "command": COMMAND,
+        "command": command,
         "layer": layer,
         "trace_seed": trace_seed,
         "arms": {},
@@ -95,6 +116,8 @@ def build(runs: list[RunRecord], out: Path) -> dict:
     }
     if devices:  # summaries record the device since the GPU path came (issue 10)
         result["device"] = ", ".join(devices)
+    if data != "mnist":  # MNIST's figure1.json predates the key
+        result["dataset"] = dataset
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for arm, title in ARMS.items():
@@ -127,8 +150,8 @@ def build(runs: list[RunRecord], out: Path) -> dict:
             "trace_steps": [m["step"] for m in shown.metrics],
             **traces,
         }
-    axes[0].set_title("(a) Test accuracy, mean and min-max over seeds")
-    axes[0].set_ylim(90, 100)
+    axes[0].set_title(f"(a) {dataset} test accuracy,\nmean and min-max over seeds")
+    axes[0].set_ylim(*acc_range)
     axes[0].legend(loc="lower right")
     # Same scale for (b) and (c), so that drift reads the same in both panels; headroom on
     # top keeps the legend off the traces.
@@ -165,7 +188,7 @@ def results_table(result: dict) -> str:
         )
     return "\n".join(
         [
-            "# MNIST, Figure 1",
+            f"# {result.get('dataset', 'MNIST')}, Figure 1",
             "",
             "![Figure 1](figure1.png)",
             "",
@@ -195,7 +218,8 @@ def main() -> int:
     args = parser.parse_args()
     runs = find_runs(args.runs)
     if not runs:
-        print(f"error: no runs under {args.runs}; run `{COMMAND}` first", file=sys.stderr)
+        commands = " or ".join(f"`{command}`" for _, command, _ in DATASETS.values())
+        print(f"error: no runs under {args.runs}; run {commands} first", file=sys.stderr)
         return 2
     result = build(runs, args.out)
     for arm, stats in result["arms"].items():

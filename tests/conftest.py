@@ -72,3 +72,15 @@ def run_train(*overrides: str, env: dict[str, str] | None = None, timeout: int =
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    """The real Fashion-MNIST (DATA_DIR/FashionMNIST/raw): as `mnist_root`, required in CI."""
+    root = Path(os.environ.get("DATA_DIR", REPO / "data"))
+    folder = raw_dir(root, "fashion_mnist")
+    if all((folder / name).is_file() for name in RAW_FILES):
+        return root
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs Fashion-MNIST in {folder}; set DATA_DIR=../shared/data")
+    pytest.skip(f"real Fashion-MNIST not found in {folder} (set DATA_DIR)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,17 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bnrepro.config import check_config, register_resolvers
+from bnrepro.config import register_resolvers
 from bnrepro.errors import ConfigError
+from bnrepro.schema import (
+    Activation,
+    BNSettings,
+    ImageNetData,
+    InceptionConfig,
+    MLPConfig,
+    choices,
+    parse_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(
@@ -47,7 +57,7 @@ def test_there_are_experiments():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(compose_cfg, experiment):
     cfg = compose_cfg(f"experiment={experiment}", "paths.output_dir=/tmp/x")
-    check_config(cfg)
+    parse_config(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     model = instantiate(cfg.model)
     instantiate(cfg.optim, params=model.parameters())
@@ -120,7 +130,7 @@ def test_figure1_arms_follow_the_paper(compose_cfg):
 def test_documented_overrides(compose_cfg, override, key, value):
     cfg = compose_cfg("experiment=mnist/bn", override)
     assert OmegaConf.select(cfg, key) == value
-    check_config(cfg)
+    parse_config(cfg)
 
 
 def test_data_dir_comes_from_env(compose_cfg, monkeypatch):
@@ -146,9 +156,74 @@ def test_data_dir_comes_from_env(compose_cfg, monkeypatch):
         ("trainer.probe.unit=100", "trainer.probe.unit=100 is invalid"),
         ("seeds=[1,1]", "seeds=[1, 1] is invalid"),
         ("seeds=[]", "seeds=[] is invalid"),
+        ("seeds=[1,a]", "seeds=[1, 'a'] is invalid"),
+        ("trainer.cuda_graph=1", "trainer.cuda_graph=1 is invalid"),
+        ("trainer.device=tpu", "trainer.device='tpu' is invalid"),
+        ("trainer.dist_bn=mean", "trainer.dist_bn='mean' is invalid"),
+        ("trainer.diverge_loss=0", "trainer.diverge_loss=0 is invalid"),
+        ("model.hidden=[100,0]", "model.hidden=[100, 0] is invalid"),
+        ("model.bn.population_batches=0", "model.bn.population_batches=0 is invalid"),
+        ("trainer.eval_at_start=maybe", "trainer.eval_at_start='maybe' is invalid"),
     ],
 )
 def test_bad_values_are_one_clear_line(compose_cfg, override, message):
     with pytest.raises(ConfigError) as err:
-        check_config(compose_cfg("experiment=mnist/bn", override))
+        parse_config(compose_cfg("experiment=mnist/bn", override))
     assert str(err.value).startswith(message) and "expected" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.decode=gpu", "data.decode='gpu' is invalid: expected auto or workers or device"),
+        ("data.crop_scale=[0.5,0.1]", "data.crop_scale=[0.5, 0.1] is invalid"),
+        ("data.crop_ratio=[1]", "data.crop_ratio=[1] is invalid"),
+        ("data.workers=-1", "data.workers=-1 is invalid"),
+        ("model.norm=ln", "model.norm='ln' is invalid"),
+        ("model.activation=tanh", "model.activation='tanh' is invalid"),
+        ("model.dropout=1.0", "model.dropout=1.0 is invalid"),
+        ("model.proj_4cd=0", "model.proj_4cd=0 is invalid"),
+        ("optim.schedule.gamma=2", "optim.schedule.gamma=2 is invalid"),
+        ("trainer.amp=fp8", "trainer.amp='fp8' is invalid"),
+        ("+model.hidden=[10]", "model.hidden is not a setting"),
+        ("seeds=[1,2]", "seeds=[...] (stacked training) needs the MNIST MLP"),
+    ],
+)
+def test_bad_imagenet_values_are_one_clear_line(compose_cfg, override, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(compose_cfg("experiment=imagenet/bn_baseline", override))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_misspelt_or_missing_key_is_one_line(compose_cfg):
+    with pytest.raises(ConfigError, match=r"^model.dropuot is not a setting \(expected one of"):
+        parse_config(compose_cfg("experiment=mnist/bn", "+model.dropuot=0.5"))
+    with pytest.raises(ConfigError, match=r"^trainer.steps is missing"):
+        parse_config(compose_cfg("experiment=mnist/bn", "~trainer.steps"))
+
+
+def test_the_typed_config_is_what_the_code_reads(compose_cfg):
+    """One object: checked values with their types, the variant, and the source config."""
+    cfg = compose_cfg("experiment=mnist/bn_x5", "seeds=[1,2]")
+    run = parse_config(cfg)
+    assert isinstance(run.model, MLPConfig) and isinstance(run.model.bn, BNSettings)
+    assert run.optim.lr == pytest.approx(0.5) and isinstance(run.optim.lr, float)
+    assert run.variant == {
+        "norm": "bn",
+        "activation": "sigmoid",
+        "dropout": 0.0,
+        "lr_mult": 5,
+        "bn_stats": "population",
+    }
+    assert run.source is cfg and run.seeds == [1, 2]
+    imagenet = parse_config(compose_cfg("experiment=imagenet/bn_x30"))
+    assert isinstance(imagenet.model, InceptionConfig) and isinstance(imagenet.data, ImageNetData)
+    assert imagenet.optim.schedule.every_steps == pytest.approx(80000 / 6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.trainer.steps = 1  # type: ignore[misc]
+
+
+def test_the_models_choices_are_the_schemas():
+    from bnrepro.models.mlp import ACTIVATIONS
+
+    assert tuple(ACTIVATIONS) == choices(Activation)

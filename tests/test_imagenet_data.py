@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
@@ -30,9 +29,7 @@ from bnrepro.data.imagenet import (
     topk_correct,
     train_transform,
 )
-from bnrepro.distributed import DistEnv
-from bnrepro.errors import ConfigError, DataError
-from bnrepro.tasks.imagenet import build_imagenet_task
+from bnrepro.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,21 +240,6 @@ def test_decode_modes():
     assert (
         resolve_decode("device", cpu) == "device" and resolve_decode("workers", cuda) == "workers"
     )
-
-
-def test_bad_decode_is_one_config_error_before_any_file_is_read(tmp_path):
-    cfg = OmegaConf.create(
-        {
-            "seed": 1,
-            "data": {"root": str(tmp_path / "nowhere"), "decode": "gpu", "image_size": 32},
-            "trainer": {"channels_last": False},
-        }
-    )
-    with pytest.raises(ConfigError) as err:
-        build_imagenet_task(cfg, DistEnv(), None)
-    message = str(err.value)
-    assert "\n" not in message and "data.decode='gpu'" in message
-    assert "auto, workers, device" in message
 
 
 def test_topk_correct_counts():

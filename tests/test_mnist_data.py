@@ -99,3 +99,39 @@ def test_batches_resume_at_the_same_position(stacked):
     for (ex, ey), (rx, ry) in zip(expected, (next(resumed) for _ in range(4)), strict=True):
         assert torch.equal(ex, rx) and torch.equal(ey, ry)
     assert expected[0][0].dtype == torch.float32 and float(expected[0][0].max()) <= 1.0
+
+
+def test_real_fashion_mnist_matches_the_config_checksums(fashion_root):
+    """data=fashion_mnist: every raw file checked against configs/data/fashion_mnist.yaml."""
+    from omegaconf import OmegaConf
+
+    from .conftest import REPO
+
+    sha = dict(OmegaConf.load(REPO / "configs" / "data" / "fashion_mnist.yaml").sha256)
+    assert len(sha) == 4
+    data = load_mnist(fashion_root, download=False, sha256=sha, dataset="fashion_mnist")
+    assert data.train_x.shape == (60000, 784) and data.test_x.shape == (10000, 784)
+    assert torch.bincount(data.test_y).tolist() == [1000] * 10  # 1,000 test images per class
+    # Published mean pixel of the training images: 72.94 (of 255).
+    assert float(data.train_x.mean()) * 255 == pytest.approx(72.94, abs=0.01)
+    assert not torch.equal(data.test_x[:100], load_mnist(fashion_root, download=False).test_x[:100])
+
+
+def test_fashion_mnist_files_are_checked_and_named(tmp_path, fashion_root):
+    folder = raw_dir(tmp_path, "fashion_mnist")
+    folder.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (folder / name).symlink_to(raw_dir(fashion_root, "fashion_mnist") / name)
+    with pytest.raises(DataError) as err:
+        load_mnist(tmp_path, download=False, dataset="fashion_mnist")
+    message = str(err.value)
+    assert message.startswith(f"FashionMNIST not found in {folder} (missing t10k-labels")
+    assert "FashionMNIST/raw/" in message and "\n" not in message
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\0" * 10008)
+    with pytest.raises(DataError, match="FashionMNIST file .*t10k-labels-idx1-ubyte is corrupt"):
+        load_mnist(
+            tmp_path,
+            download=False,
+            dataset="fashion_mnist",
+            sha256={"t10k-labels-idx1-ubyte": "0"},
+        )

@@ -7,14 +7,25 @@ import torch
 
 from bnrepro.models.mlp import MLP
 from bnrepro.optim import build_optimizer, build_scheduler
+from bnrepro.schema import OptimConfig, parse
 
-CFG = {
+SETTINGS = {
+    "base_lr": 0.1,
+    "lr_mult": 1,
     "lr": 0.1,
     "momentum": 0.9,
     "weight_decay": 1e-4,
     "norm_weight_decay": 0.0,
-    "schedule": {"name": "exponential", "gamma": 0.5, "every_steps": 3},
+    "schedule": {"name": "exponential", "gamma": 0.5, "base_every_steps": 3, "every_steps": 3},
 }
+
+
+def optim(**changes: object) -> OptimConfig:
+    """The `optim` settings, checked as a composed config's are."""
+    return parse(OptimConfig, SETTINGS | changes, "optim")
+
+
+CFG = optim()
 BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
 
 
@@ -38,7 +49,7 @@ def test_exponential_decay_every_n_steps():
         optimizer.step()
         scheduler.step_batch()
     assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025])
-    assert build_scheduler(optimizer, CFG | {"schedule": None}) is None
+    assert build_scheduler(optimizer, optim(schedule=None)) is None
 
 
 def test_fused_sgd_gives_the_same_weights_as_the_loop():
@@ -47,7 +58,7 @@ def test_fused_sgd_gives_the_same_weights_as_the_loop():
     for fused in (False, True):
         torch.manual_seed(0)
         model = MLP(norm="bn", bn=BN)
-        optimizer = build_optimizer(model, CFG | {"momentum": 0.0, "fused": fused})
+        optimizer = build_optimizer(model, optim(momentum=0.0, fused=fused))
         assert optimizer.defaults["fused"] is (True if fused else None)
         for _ in range(5):
             x, y = torch.rand(60, 784), torch.randint(0, 10, (60,))

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import nn
 from torchvision.ops._utils import split_normalization_params
 
+from bnrepro.schema import OptimConfig
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.SGD:
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
     """SGD (with momentum when set). Weight decay skips BN's gamma and beta, as
     torchvision's reference scripts do with --norm-weight-decay 0: decaying gamma would fight
     the scale that BN is there to learn."""
     norm_params, other_params = split_normalization_params(model)
-    groups = [{"params": other_params, "weight_decay": cfg["weight_decay"]}]
+    groups = [{"params": other_params, "weight_decay": cfg.weight_decay}]
     if norm_params:
-        groups.append({"params": norm_params, "weight_decay": cfg["norm_weight_decay"]})
+        groups.append({"params": norm_params, "weight_decay": cfg.norm_weight_decay})
     return torch.optim.SGD(
         groups,
-        lr=cfg["lr"],
-        momentum=cfg["momentum"],
-        nesterov=cfg.get("nesterov", False),
-        fused=cfg.get("fused") or None,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        fused=cfg.fused or None,
     )
 
 
@@ -43,12 +42,9 @@ class StepwiseExponentialLR(torch.optim.lr_scheduler.ExponentialLR):
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig
 ) -> StepwiseExponentialLR | None:
     """The paper's exponential decay (Section 4.2), or None for a constant rate."""
-    schedule = cfg.get("schedule")
-    if not schedule:
+    if cfg.schedule is None:
         return None
-    if schedule["name"] != "exponential":
-        raise ValueError(f"unknown schedule {schedule['name']!r}; only 'exponential' exists")
-    return StepwiseExponentialLR(optimizer, schedule["gamma"], schedule["every_steps"])
+    return StepwiseExponentialLR(optimizer, cfg.schedule.gamma, cfg.schedule.every_steps)

@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from bnrepro.config import check_config
 from bnrepro.errors import ConfigError
+from bnrepro.schema import parse_config
 
 # Flags after which Hydra does something else than training; leave those to Hydra.
 HYDRA_ONLY = (
@@ -120,7 +120,7 @@ def preflight(argv: list[str], config_dir: str, config_name: str = "train") -> N
                     cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
                 except Exception as exc:  # noqa: BLE001 - every composition error alike
                     raise ConfigError(one_line(exc)) from exc
-                check_config(cfg)
+                parse_config(cfg)
                 check_writable(Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
     finally:
         GlobalHydra.instance().clear()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from bnrepro.checkpoint import Checkpointer, find_resume
 from bnrepro.config import result_hash
@@ -35,6 +35,7 @@ from bnrepro.models.batchnorm import BNStats, network_bn
 from bnrepro.optim import build_optimizer, build_scheduler
 from bnrepro.plots import plot_run
 from bnrepro.preemption import PreemptionSignals
+from bnrepro.schema import RunConfig
 from bnrepro.tasks import build_task
 from bnrepro.tracking import Tracker, open_trackers
 
@@ -42,10 +43,10 @@ log = logging.getLogger("bnrepro.train")
 FINISHED = ("completed", "diverged")  # a run with this status is not trained again
 
 
-def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
+def train(cfg: RunConfig, env: DistEnv) -> list[dict[str, Any]]:
     """Train the network(s) `cfg` describes, resuming from a checkpoint when there is one;
     return one summary per network."""
-    run_dir = Path(broadcast_object(env, cfg.paths.output_dir))  # rank 0's, for safety
+    run_dir = Path(broadcast_object(env, cfg.source.paths.output_dir))  # rank 0's, for safety
     done = None if cfg.resume == "never" else finished_summaries(member_runs(cfg, run_dir, False))
     if done is not None:
         statuses = ", ".join(sorted({s["status"] for s in done}))
@@ -69,7 +70,9 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
         )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
-    checkpoints = Checkpointer(run_dir, cfg, network, optimizer, scheduler, task, env.is_main)
+    checkpoints = Checkpointer(
+        run_dir, cfg.source, network, optimizer, scheduler, task, env.is_main
+    )
     resume_from = find_resume(cfg.resume, run_dir)
     state = checkpoints.restore(resume_from) if resume_from else None
     if state is not None:
@@ -78,7 +81,8 @@ def train(cfg: DictConfig, env: DistEnv) -> list[dict[str, Any]]:
     histories = [r.history for r in state.results] if state else None
     start = time.perf_counter()
     with contextlib.ExitStack() as stack, PreemptionSignals() as signals:
-        trackers = open_trackers(stack, runs, env.is_main, histories, checkpoints.wandb_ids)
+        sources = [(c.source, d) for c, d in runs]  # the configs as data, for W&B
+        trackers = open_trackers(stack, sources, env.is_main, histories, checkpoints.wandb_ids)
         checkpoints.trackers = trackers
 
         def write_summaries(status: str, results: list[LoopResult]) -> None:
@@ -125,7 +129,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loop_settings(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> LoopSettings:
+def loop_settings(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> LoopSettings:
     return LoopSettings(
         steps=cfg.trainer.steps,
         eval_every=cfg.trainer.eval_every,
@@ -145,7 +149,7 @@ def loop_settings(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> LoopSett
     )
 
 
-def use_cuda_graph(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> bool:
+def use_cuda_graph(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> bool:
     """Whether the training step is captured in a CUDA graph (graph_step.py says what that
     needs): `auto` where it can be, `true` insists (one line when it cannot), `false` never."""
     wanted = cfg.trainer.cuda_graph
@@ -156,7 +160,7 @@ def use_cuda_graph(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> bool:
         (env.enabled, "the job runs under torchrun (DDP)"),
         (cfg.trainer.compile, "trainer.compile=true"),
         (env.device.type == "cuda" and cfg.trainer.amp == "bf16", "trainer.amp=bf16"),
-        (bool(cfg.optim.get("schedule")), "the learning rate follows a schedule"),
+        (cfg.optim.schedule is not None, "the learning rate follows a schedule"),
         (
             bn is not None and bn.layer_momentum is None,
             "model.bn.stats=cumulative reads its momentum on the host",
@@ -171,18 +175,21 @@ def use_cuda_graph(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> bool:
     return not reasons
 
 
-def build_model(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(cfg: RunConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The network (same initial weights on every rank; with `seeds`, one StackedMLP member
-    per seed, each initialised as its plain run would be) and what trains it (DDP, compiled)."""
+    per seed, each initialised as its plain run would be) and what trains it (DDP, compiled).
+
+    Hydra instantiates `model._target_` with the checked settings (bnrepro.schema)."""
+    model = cfg.source.model
     if cfg.seeds:
         stacked = "bnrepro.models.stacked_mlp.StackedMLP"
-        network = instantiate(cfg.model, _target_=stacked, members=len(cfg.seeds))
+        network = instantiate(model, _target_=stacked, members=len(cfg.seeds))
         for i, seed in enumerate(cfg.seeds):
             seed_everything(seed)
-            network.load_member(i, instantiate(cfg.model))
+            network.load_member(i, instantiate(model))
     else:
         seed_everything(cfg.seed)
-        network = instantiate(cfg.model)
+        network = instantiate(model)
     network = network.to(env.device)
     if cfg.trainer.channels_last and env.device.type == "cuda":
         network = network.to(memory_format=torch.channels_last)
@@ -192,7 +199,7 @@ def build_model(cfg: DictConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.n
     return network, torch.compile(trained) if cfg.trainer.compile else trained
 
 
-def finished_summaries(runs: list[tuple[DictConfig, Path]]) -> list[dict[str, Any]] | None:
+def finished_summaries(runs: list[tuple[RunConfig, Path]]) -> list[dict[str, Any]] | None:
     """Every network's summary when all of them have finished (completed or diverged) with
     the settings asked for now: then there is nothing to train. None when any is missing,
     preempted, failed, or was made with other settings (a run directory given by hand)."""
@@ -204,26 +211,14 @@ def finished_summaries(runs: list[tuple[DictConfig, Path]]) -> list[dict[str, An
         summary = json.loads(path.read_text())
         if summary.get("status") not in FINISHED:
             return None
-        if summary.get("result_hash") != result_hash(member_cfg):
+        if summary.get("result_hash") != result_hash(member_cfg.source):
             return None
         summaries.append(summary)
     return summaries
 
 
-def variant(cfg: DictConfig) -> dict[str, Any]:
-    """The run's place among the paper's variants, as figure scripts group runs."""
-    bn = cfg.model.norm == "bn"
-    return {
-        "norm": cfg.model.norm,
-        "activation": cfg.model.activation,
-        "dropout": cfg.model.dropout,
-        "lr_mult": cfg.optim.lr_mult,
-        "bn_stats": cfg.model.bn.stats if bn else None,
-    }
-
-
 def summarize(
-    cfg: DictConfig, monitor: str, result: LoopResult, seconds: float, device: str
+    cfg: RunConfig, monitor: str, result: LoopResult, seconds: float, device: str
 ) -> dict[str, Any]:
     """summary.json: status, steps, final and best accuracy (`monitor`), wall time, names, the
     variant and key settings, and the device that made the result."""
@@ -243,8 +238,8 @@ def summarize(
         "experiment": cfg.experiment_name,
         "arm": cfg.arm,
         "seed": cfg.seed,
-        "variant": variant(cfg),
-        "result_hash": result_hash(cfg),  # what a re-run compares to skip a finished run
+        "variant": cfg.variant,
+        "result_hash": result_hash(cfg.source),  # what a re-run compares to skip a finished run
         "settings": {
             "lr": cfg.optim.lr,
             "batch_size": cfg.data.batch_size,
@@ -255,28 +250,26 @@ def summarize(
     }
 
 
-def member_runs(
-    cfg: DictConfig, run_dir: Path, write: bool = True
-) -> list[tuple[DictConfig, Path]]:
+def member_runs(cfg: RunConfig, run_dir: Path, write: bool = True) -> list[tuple[RunConfig, Path]]:
     """(config, run directory) of each trained network: the job itself, or with `seeds` one
     per seed in <run_dir>/seed<k>/, each a complete run directory of its own."""
     if not cfg.seeds:
         return [(cfg, run_dir)]
     runs = []
     for seed in cfg.seeds:
-        member = cfg.copy()
-        with open_dict(member):
-            member.seed, member.seeds = seed, None
+        source = cfg.source.copy()
+        with open_dict(source):
+            source.seed, source.seeds = seed, None
         member_dir = run_dir / f"seed{seed}"
         if write:  # what Hydra writes for a job, so every run directory looks the same
             (member_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(member, member_dir / ".hydra" / "config.yaml")
-        runs.append((member, member_dir))
+            OmegaConf.save(source, member_dir / ".hydra" / "config.yaml")
+        runs.append((replace(cfg, seed=seed, seeds=None, source=source), member_dir))
     return runs
 
 
 def finish_run(
-    cfg: DictConfig,
+    cfg: RunConfig,
     run_dir: Path,
     tracker: Tracker,
     network: torch.nn.Module,

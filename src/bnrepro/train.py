@@ -18,9 +18,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from bnrepro.config import check_config, register_resolvers
+from bnrepro.config import register_resolvers
 from bnrepro.errors import UserError
 from bnrepro.preflight import preflight
+from bnrepro.schema import parse_config
 from bnrepro.speedups.mkl_vendor import skip_vendor_check
 
 register_resolvers()
@@ -41,9 +42,9 @@ def main(cfg: DictConfig) -> None:
 
     env = None
     try:
-        check_config(cfg)
-        env = init_distributed(cfg.trainer.device)
-        train(cfg, env)
+        run_cfg = parse_config(cfg)  # typed and checked: what the run reads from here on
+        env = init_distributed(run_cfg.trainer.device)
+        train(run_cfg, env)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,8 @@
-"""MNIST as four in-memory tensors, read by torchvision and verified by sha256."""
+"""MNIST and Fashion-MNIST as four in-memory tensors, read by torchvision, verified by sha256.
+
+Both come as the same four IDX files (28x28 grey, 10 classes); `dataset` names which, as the
+config's `data.name` does: "mnist" (<root>/MNIST/raw) or "fashion_mnist" (<root>/FashionMNIST/raw).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.datasets import MNIST
+from torchvision.datasets import MNIST, FashionMNIST
 
 from bnrepro.errors import DataError
 
@@ -32,8 +36,12 @@ class MnistTensors:
     test_y: torch.Tensor
 
 
-def raw_dir(root: str | Path) -> Path:
-    return Path(root) / "MNIST" / "raw"
+# data.name -> torchvision's class; its name is the folder under the data root.
+DATASETS: dict[str, type[MNIST]] = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
+
+
+def raw_dir(root: str | Path, dataset: str = "mnist") -> Path:
+    return Path(root) / DATASETS[dataset].__name__ / "raw"
 
 
 def sha256_of(path: Path) -> str:
@@ -44,26 +52,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_checksums(root: str | Path, expected: Mapping[str, str]) -> None:
+def verify_checksums(root: str | Path, expected: Mapping[str, str], dataset: str = "mnist") -> None:
     """Raise DataError naming the first raw file whose sha256 differs from `expected`."""
     for name, want in expected.items():
-        path = raw_dir(root) / name
+        path = raw_dir(root, dataset) / name
         got = sha256_of(path)
         if got != want:
             raise DataError(
-                f"MNIST file {path} is corrupt: sha256 {got}, expected {want}. "
-                f"Delete it and download again (or point DATA_DIR at a good copy)."
+                f"{DATASETS[dataset].__name__} file {path} is corrupt: sha256 {got}, "
+                f"expected {want}. Delete it and download again (or point DATA_DIR at a good copy)."
             )
 
 
-def ensure_raw_files(root: str | Path, download: bool) -> None:
+def ensure_raw_files(root: str | Path, download: bool, dataset: str = "mnist") -> None:
     """Make sure the four raw IDX files exist, downloading them when allowed and possible."""
-    missing = [name for name in RAW_FILES if not (raw_dir(root) / name).is_file()]
+    folder, cls = raw_dir(root, dataset), DATASETS[dataset]
+    missing = [name for name in RAW_FILES if not (folder / name).is_file()]
     if not missing:
         return
     hint = (
-        f"MNIST not found in {raw_dir(root)} (missing {', '.join(missing)}). "
-        f"Set DATA_DIR (or paths.data_dir=...) to a folder holding MNIST/raw/"
+        f"{cls.__name__} not found in {folder} (missing {', '.join(missing)}). "
+        f"Set DATA_DIR (or paths.data_dir=...) to a folder holding {cls.__name__}/raw/"
     )
     if not download:
         raise DataError(hint + ", or allow data.download=true.")
@@ -71,7 +80,7 @@ def ensure_raw_files(root: str | Path, download: bool) -> None:
     noise = io.StringIO()
     try:
         with contextlib.redirect_stdout(noise):
-            MNIST(str(root), train=True, download=True)
+            cls(str(root), train=True, download=True)
     except Exception as exc:  # noqa: BLE001 - any failure to fetch means the same to the user
         raise DataError(hint + f"; the download failed ({type(exc).__name__}).") from exc
 
@@ -82,21 +91,24 @@ def load_mnist(
     download: bool = True,
     sha256: Mapping[str, str] | None = None,
     raw_train: bool = False,
+    dataset: str = "mnist",
 ) -> MnistTensors:
-    """Load MNIST from `root`/MNIST/raw into memory, after checking every raw file.
+    """Load `dataset` (mnist or fashion_mnist) from `root`/<MNIST|FashionMNIST>/raw into
+    memory, after checking every raw file.
 
     raw_train=True keeps the training images as uint8 (47 MB instead of 188 MB); the batch
     iterator scales them per batch to the same floats."""
-    ensure_raw_files(root, download)
+    ensure_raw_files(root, download, dataset)
     if sha256:
-        verify_checksums(root, sha256)
+        verify_checksums(root, sha256, dataset)
+    cls = DATASETS[dataset]
     try:
-        train = MNIST(str(root), train=True, download=False)
-        test = MNIST(str(root), train=False, download=False)
+        train = cls(str(root), train=True, download=False)
+        test = cls(str(root), train=False, download=False)
     except Exception as exc:  # noqa: BLE001 - torchvision raises bare AssertionError etc.
         raise DataError(
-            f"could not read MNIST from {raw_dir(root)} ({type(exc).__name__}: {exc}); "
-            f"replace the raw files with the original IDX files."
+            f"could not read {cls.__name__} from {raw_dir(root, dataset)} "
+            f"({type(exc).__name__}: {exc}); replace the raw files with the original IDX files."
         ) from exc
     return MnistTensors(
         train_x=train.data.reshape(len(train.data), -1) if raw_train else _as_float(train.data),

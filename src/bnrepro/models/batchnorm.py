@@ -19,7 +19,7 @@ Python float: the same arithmetic as ``momentum=None``, without the sync.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict
 from itertools import islice
 from typing import Any
 
@@ -27,43 +27,24 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnrepro.config import NORMS, STATS_MODES
+from bnrepro.schema import BNSettings, parse
 
 
-@dataclass(frozen=True)
-class BNStats:
+class BNStats(BNSettings):
     """How a network's BN layers get their inference statistics (Section 3.1 / Algorithm 2).
 
-    Built from the config's `model.bn` mapping, which holds the only defaults (configs/model).
+    The config's `model.bn` (its fields, types and checks are bnrepro.schema.BNSettings; its
+    values live in configs/model only), with what the models, tasks and loop ask of it.
     """
 
-    stats: str  # ema | cumulative | population
-    momentum: float  # torch's EMA momentum: the layers' momentum in training, except cumulative
-    eps: float
-    population_batches: int  # K of Algorithm 2, used by population mode
-
-    def __post_init__(self) -> None:
-        if self.stats not in STATS_MODES:
-            raise ValueError(f"model.bn.stats must be one of {STATS_MODES}, got {self.stats!r}")
-
     @classmethod
-    def from_config(cls, bn: Mapping[str, Any] | BNStats) -> BNStats:
-        """The settings of a `model.bn` mapping: every field, nothing else (no defaults here)."""
+    def from_config(cls, bn: Mapping[str, Any] | BNSettings) -> BNStats:
+        """The settings of a `model.bn` mapping (every key, checked: ConfigError otherwise)."""
         if isinstance(bn, BNStats):
             return bn
-        names = [f.name for f in fields(cls)]
-        missing = [name for name in names if name not in bn]
-        unknown = sorted(set(bn) - set(names))
-        if missing or unknown:
-            raise ValueError(
-                f"model.bn needs exactly the keys {names}: missing {missing}, unknown {unknown}"
-            )
-        return cls(
-            stats=bn["stats"],
-            momentum=float(bn["momentum"]),
-            eps=float(bn["eps"]),
-            population_batches=int(bn["population_batches"]),
-        )
+        if isinstance(bn, BNSettings):
+            return cls(**asdict(bn))
+        return parse(cls, bn, "model.bn")
 
     @property
     def layer_momentum(self) -> float | None:
@@ -97,11 +78,9 @@ class BNStats:
         recompute_population_stats(model, batches, self.population_batches)
 
 
-def network_bn(norm: str, bn: Mapping[str, Any] | BNStats | None) -> BNStats | None:
+def network_bn(norm: str, bn: Mapping[str, Any] | BNSettings | None) -> BNStats | None:
     """The BN settings of a network with `norm`: BNStats for "bn" (where `bn` is required),
-    None for "none". A given `bn` is checked either way, so a bad config fails on any norm."""
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    None otherwise. A given `bn` is checked either way, so a bad config fails on any norm."""
     settings = None if bn is None else BNStats.from_config(bn)
     if norm == "bn" and settings is None:
         raise ValueError("norm='bn' needs the BN settings `bn` (the config's model.bn)")

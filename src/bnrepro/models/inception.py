@@ -32,7 +32,7 @@ Choices the paper leaves open, or gets wrong:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -172,6 +172,11 @@ class BNInception(nn.Module):
 
     Stages are kept in `self.stages` under the table's names (conv1, pool1, conv2_reduce,
     conv2, pool2, 3a .. 5b), so `stage_outputs` can report each one.
+
+    Scaled down by config (the full network is the defaults): `in_channels` (1 for grey
+    images), `stem="small"` for 28x28 inputs (a 3x3/1 first convolution: 7x7 maps at 3a, 4x4
+    at 4a, 2x2 at 5a), `width_mult` times every width of the stem and the table, and
+    `modules`, the table's rows to build, in order.
     """
 
     def __init__(
@@ -184,26 +189,32 @@ class BNInception(nn.Module):
         proj_4cd: int = 96,
         bn: Mapping[str, Any] | BNStats | None = None,
         in_channels: int = 3,
+        stem: str = "imagenet",
+        width_mult: float = 1.0,
+        modules: Sequence[str] = tuple(INCEPTION_TABLE),
+        init_mode: str = "fan_in",
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.bn_stats = network_bn(norm, bn)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if proj_4cd <= 0:
-            raise ValueError(f"proj_4cd must be positive, got {proj_4cd}")
         self.activation = activation
+        self.init_mode = init_mode
         unit = {"activation": activation, "bn": self.bn_stats}
+
+        def scaled(channels: int) -> int:  # every width times width_mult, at least 1
+            return max(1, round(channels * width_mult)) if channels else 0
 
         self.stages = nn.ModuleDict()
         # The paper's first convolution is separable (depth multiplier 8); implementations
-        # usually use a plain 7x7/2 convolution, and so do we.
-        self.stages["conv1"] = ConvUnit(in_channels, 64, 7, stride=2, **unit)
+        # usually use a plain 7x7/2 convolution, and so do we. The small stem (28x28 inputs)
+        # has a 3x3/1 first convolution: its two pools give 7x7 maps at 3a (28x28 at 224).
+        small = stem == "small"
+        self.stages["conv1"] = ConvUnit(
+            in_channels, scaled(64), 3 if small else 7, stride=1 if small else 2, **unit
+        )
         self.stages["pool1"] = nn.Sequential()
         self.stages["pool1"].add_module("pool", _max_pool_3x3_s2())
-        self.stages["conv2_reduce"] = ConvUnit(64, 64, 1, **unit)
-        self.stages["conv2"] = ConvUnit(64, 192, 3, **unit)
+        self.stages["conv2_reduce"] = ConvUnit(scaled(64), scaled(64), 1, **unit)
+        self.stages["conv2"] = ConvUnit(scaled(64), scaled(192), 3, **unit)
         self.stages["pool2"] = nn.Sequential()
         if lrn:
             # The original GoogLeNet's LRN; Section 4.2.1 removes it from the BN networks.
@@ -211,11 +222,12 @@ class BNInception(nn.Module):
             self.stages["pool2"].add_module("lrn", _lrn())
         self.stages["pool2"].add_module("pool", _max_pool_3x3_s2())
 
-        width = 192
-        for name, row in INCEPTION_TABLE.items():
-            n1x1, n3r, n3, ndr, nd, pool, proj, stride = row
+        width = scaled(192)
+        for name in modules:
+            n1x1, n3r, n3, ndr, nd, pool, proj, stride = INCEPTION_TABLE[name]
             proj = proj_4cd if proj is None else proj
-            module = InceptionModule(width, n1x1, n3r, n3, ndr, nd, pool, proj, stride, **unit)
+            branches = [scaled(c) for c in (n1x1, n3r, n3, ndr, nd, proj)]
+            module = InceptionModule(width, *branches[:5], pool, branches[5], stride, **unit)
             self.stages[name] = module
             width = module.out_channels
 
@@ -225,17 +237,22 @@ class BNInception(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He-normal convolutions (fan_out, gain of the activation), a small-normal classifier.
+        """He-normal convolutions (`init_mode`, gain of the activation), a small-normal classifier.
 
-        Convolutions: `kaiming_normal_(mode="fan_out")` with the gain of the chosen
-        nonlinearity (sqrt 2 for ReLU, 1 for sigmoid), which keeps the un-normalised baseline
-        trainable; with BN the scale is irrelevant to the forward pass. Classifier: N(0, 0.01),
+        Convolutions: `kaiming_normal_(mode=init_mode)` with the gain of the chosen
+        nonlinearity (sqrt 2 for ReLU, 1 for sigmoid). The paper gives no initialisation;
+        fan_in (the default) keeps the forward signal of the un-normalised baseline at its
+        scale through all ten modules, while fan_out, which preserves the backward signal,
+        grows it about 100-fold from conv1 to 5b at width 1/8 (initial losses up to 5 instead
+        of ln 10). With BN the scale is irrelevant to the forward pass. Classifier: N(0, 0.01),
         as torchvision's GoogLeNet. Biases 0; BN gamma 1, beta 0 (Section 3: the identity
         transform is representable from the start).
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity=self.activation)
+                nn.init.kaiming_normal_(
+                    module.weight, mode=self.init_mode, nonlinearity=self.activation
+                )
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.BatchNorm2d):
@@ -248,12 +265,15 @@ class BNInception(nn.Module):
     def nonlinearities(self) -> dict[str, nn.Module]:
         """Five activation modules spanning the depth, by stage name.
 
-        conv1 and conv2 (the stem's 7x7 and 3x3 convolutions); for 3c, 4e and 5b the activation
-        of the module's 3x3-reduce convolution (the first conv of its 3x3 branch).
+        conv1 and conv2 (the stem's first and 3x3 convolutions); for the last module of groups
+        3, 4 and 5 (3c, 4e, 5b in the full network) the activation of the module's 3x3-reduce
+        convolution (the first conv of its 3x3 branch).
         """
         acts = {"conv1": self.stages["conv1"].act, "conv2": self.stages["conv2"].act}
-        for name in ("3c", "4e", "5b"):
-            acts[name] = self.stages[name].branch3x3.reduce.act
+        for group in "345":  # the last module of each group: 3c, 4e, 5b in the full network
+            built = [name for name in self.stages if name.startswith(group)]
+            if built:
+                acts[built[-1]] = self.stages[built[-1]].branch3x3.reduce.act
         return acts
 
     def stage_outputs(self, x: Tensor) -> dict[str, Tensor]:

@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bnrepro.config import ACTIVATION_NAMES
 from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.schema import Activation, choices
 
-ACTIVATIONS = dict(zip(ACTIVATION_NAMES, (nn.Sigmoid, nn.ReLU), strict=True))
+ACTIVATIONS = dict(zip(choices(Activation), (nn.Sigmoid, nn.ReLU), strict=True))
 
 
 def mlp_layers(
@@ -29,8 +29,6 @@ def mlp_layers(
     replaces it (Section 3.2). Each activation is a named module (`act`) so probes can hook
     its input.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     layers = nn.ModuleDict()
     width = in_features
     for i, out in enumerate(hidden, start=1):

@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from bnrepro.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
+from bnrepro.schema import RunConfig
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -35,10 +35,10 @@ class Task:
     monitor: str  # the accuracy key the summary reports, e.g. "test/acc" or "val/top1"
 
 
-def build_task(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> Task:
+def build_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
     """The task of `cfg.data.name`, with population batches when `bn` needs them; data
     problems raise DataError before any training."""
-    if cfg.data.name == "mnist":
+    if cfg.data.name in ("mnist", "fashion_mnist"):
         from bnrepro.tasks.mnist import build_mnist_task
 
         return build_mnist_task(cfg, env, bn)

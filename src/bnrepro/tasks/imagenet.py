@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from bnrepro.data.imagenet import (
@@ -18,10 +17,11 @@ from bnrepro.data.imagenet import (
 )
 from bnrepro.distributed import DistEnv, sum_across_ranks
 from bnrepro.models.batchnorm import BNStats
+from bnrepro.schema import RunConfig
 from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
 
 
-def build_imagenet_task(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> Task:
+def build_imagenet_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
     d, t = cfg.data, cfg.trainer
     decode = resolve_decode(d.decode, env.device)  # a bad value fails before any file is read
     augmentation = TrainAugmentation(

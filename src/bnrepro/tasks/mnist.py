@@ -1,4 +1,5 @@
-"""MNIST (Section 4.1): the whole dataset as tensors in memory, evaluated on all 10k test images.
+"""MNIST (Section 4.1) and Fashion-MNIST: the whole dataset as tensors in memory, evaluated on
+all 10k test images.
 
 With `seeds` set, the task serves a StackedMLP: every batch is (M, B, 784), member i drawing
 the data order of seed i, and evaluation returns one record per member.
@@ -8,26 +9,30 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import load_mnist
 from bnrepro.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
+from bnrepro.schema import InceptionConfig, RunConfig
 from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
 
 
-def build_mnist_task(cfg: DictConfig, env: DistEnv, bn: BNStats | None) -> Task:
+def build_mnist_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
     data = load_mnist(
         cfg.data.root,
         download=cfg.data.download,
         sha256=cfg.data.sha256 if cfg.data.verify_checksums else None,
         raw_train=True,
+        dataset=cfg.data.name,
     )
     device = env.device
-    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    # The MLP takes flat 784-vectors; a convolutional network (BN-Inception scaled down,
+    # experiment/fig2_small) takes 1x28x28 images. Views, no copies.
+    shape = (1, 28, 28) if isinstance(cfg.model, InceptionConfig) else (784,)
+    train_x, train_y = data.train_x.view(-1, *shape).to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x.view(-1, *shape).to(device), data.test_y.to(device)
     # Each replica its own data order (rank 0 = the plain run); each stacked member its seed's.
     seeds = [s + env.rank for s in (cfg.seeds or [cfg.seed])]
     batch, eval_batch = cfg.data.batch_size, cfg.data.eval_batch_size

@@ -1,0 +1,143 @@
+"""The reproduction report: intervals against scipy's, the verdict rule on hand-made results
+(a diverged run, a claim without data), and `make report` reproducing the committed report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from bnrepro.report import (
+    NOT_REPRODUCED,
+    NOT_TESTED,
+    PARTLY,
+    REPRODUCED,
+    Interval,
+    build_rows,
+    combine,
+    difference_interval,
+    mean_interval,
+    verdict_difference,
+    verdict_no_cost,
+    verdict_outcomes,
+    verdict_speedup,
+)
+
+from .conftest import REPO
+
+
+def test_mean_interval_by_hand():
+    # mean 2, sd 1, t(0.975, 2) = 4.3027: half-width 4.3027 / sqrt(3) = 2.4842.
+    est = mean_interval([1.0, 2.0, 3.0])
+    assert (est.value, est.n) == (2.0, 3)
+    assert est.high - est.value == pytest.approx(2.4842, abs=1e-4)
+    assert mean_interval([5.0]) == Interval(5.0, 5.0, 5.0, 1)
+
+
+def test_difference_interval_is_welchs():
+    a, b = [97.1, 97.5, 97.3, 97.6, 97.2], [97.9, 98.1, 98.0, 97.8]
+    est = difference_interval(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (est.low, est.high) == pytest.approx((ci.low, ci.high))
+    assert est.value == pytest.approx(sum(a) / 5 - sum(b) / 4)
+
+
+@pytest.mark.parametrize(
+    "estimate, verdict",
+    [
+        (Interval(0.6, 0.3, 0.9, 5), REPRODUCED),
+        (Interval(0.6, -0.1, 1.3, 5), PARTLY),
+        (Interval(-0.2, -0.5, 0.1, 5), NOT_REPRODUCED),
+        (Interval(0.6, 0.6, 0.6, 1), PARTLY),  # one seed: never more than partly
+        (None, NOT_TESTED),
+    ],
+)
+def test_difference_rule(estimate, verdict):
+    assert verdict_difference(estimate) == verdict
+
+
+def test_speedup_outcome_no_cost_and_combined_rules():
+    assert verdict_speedup(Interval(3.0, 2.0, 4.0, 3)) == REPRODUCED
+    assert verdict_speedup(Interval(1.5, 0.5, 2.5, 3)) == PARTLY
+    assert verdict_speedup(Interval(0.8, 0.5, 1.1, 3)) == NOT_REPRODUCED
+    assert [verdict_outcomes(m, 3) for m in (3, 1, 0)] == [REPRODUCED, PARTLY, NOT_REPRODUCED]
+    assert verdict_outcomes(0, 0) == NOT_TESTED
+    assert verdict_no_cost(Interval(-0.1, -0.4, 0.2, 6)) == REPRODUCED
+    assert verdict_no_cost(Interval(-0.4, -0.9, 0.1, 6)) == PARTLY
+    assert verdict_no_cost(Interval(-1.0, -1.4, -0.6, 6)) == NOT_REPRODUCED
+    assert combine([REPRODUCED, REPRODUCED]) == REPRODUCED
+    assert combine([REPRODUCED, NOT_REPRODUCED]) == PARTLY
+    assert combine([NOT_REPRODUCED, NOT_TESTED]) == NOT_REPRODUCED
+    assert combine([REPRODUCED, NOT_TESTED]) == PARTLY
+    assert combine([NOT_TESTED]) == NOT_TESTED
+
+
+def seed(s: int, max_acc: float, steps: int | None, status: str = "completed") -> dict:
+    return {
+        "seed": s,
+        "status": status,
+        "diverged_at_step": 300 if status == "diverged" else None,
+        "max_acc": max_acc,
+        "final_acc": max_acc,
+        "steps_to_target": steps,
+    }
+
+
+def write_figure3(results: Path) -> None:
+    """A hand-made small-scale Figure 3: Inception reaches its best 80 % at step 1000."""
+    per_seed = {
+        "inception": [seed(1, 80.0, 1000), seed(2, 79.0, None), seed(3, 81.0, 1000)],
+        "bn_baseline": [seed(1, 84.0, 500), seed(2, 85.0, 500), seed(3, 84.5, 250)],
+        "bn_x5": [seed(1, 86.0, 250), seed(2, 86.5, 250), seed(3, 86.0, 250)],
+        "bn_x30": [seed(1, 87.0, 250), seed(2, 88.0, 250), seed(3, 87.5, 250)],
+        "bn_x5_sigmoid": [seed(1, 82.0, 750), seed(2, 60.0, None), seed(3, 83.0, 500)],
+        # One seed diverged at step 300, two did not: the paper's outcome in 1 of 3.
+        "inception_x5": [seed(1, 30.0, None, "diverged"), seed(2, 70.0, None), seed(3, 71.0, None)],
+        "inception_sigmoid": [seed(1, 10.0, None), seed(2, 10.5, None), seed(3, 10.0, None)],
+    }
+    rows = [{"arm": "inception", "steps_to_target": 1000}]
+    (results / "fig2_small").mkdir(parents=True)
+    (results / "fig2_small" / "figure3.json").write_text(
+        json.dumps({"target": 80.0, "rows": rows, "per_seed": per_seed})
+    )
+
+
+def test_verdicts_on_hand_made_results(tmp_path):
+    write_figure3(tmp_path)
+    rows = {row.claim: row for row in build_rows(tmp_path)}
+    # No MNIST, Fashion-MNIST or grid results here: those claims are not tested.
+    assert rows["BN reaches higher accuracy (MNIST)"].verdict == NOT_TESTED
+    assert rows["BN trains faster (Fashion-MNIST)"].verdict == NOT_TESTED
+    assert rows["With BN, dropout can be removed at no cost"].verdict == NOT_TESTED
+    # 1000 / [500, 500, 250] = [2, 2, 4]: mean 2.67, interval [-0.20, 5.54] reaches below 1.
+    assert rows["BN-Baseline trains faster than Inception"].verdict == PARTLY
+    assert "2.67x" in rows["BN-Baseline trains faster than Inception"].ours
+    assert rows["BN-x5 trains faster than Inception"].verdict == REPRODUCED  # 4x every seed
+    assert rows["BN-x30 reaches higher accuracy than Inception"].verdict == REPRODUCED
+    assert rows["Higher learning rates train with BN (x5, x30)"].verdict == REPRODUCED
+    diverged = rows["Without BN, x5 diverges"]
+    assert diverged.verdict == PARTLY and diverged.ours.startswith("1 of 3 seeds diverged")
+    # 60 % is below 90 % of Inception's 80 %: 2 of 3 seeds train.
+    assert rows["With BN, sigmoids train"].verdict == PARTLY
+    assert rows["Without BN, sigmoids do not train"].verdict == REPRODUCED
+    assert (
+        rows["Algorithm 2's population statistics match moving averages at inference"].verdict
+        == NOT_TESTED
+    )
+
+
+def test_make_report_reproduces_the_committed_report(tmp_path):
+    out = tmp_path / "REPORT.md"
+    proc = subprocess.run(
+        [sys.executable, "scripts/make_report.py", "--results", "results", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == (REPO / "results" / "REPORT.md").read_bytes()
