@@ -78,6 +78,7 @@ def test_quick_run_measures_every_section_and_writes_the_report(tmp_path):
     assert (tmp_path / "scratch").is_dir()  # a given --scratch is kept
 
 
+@pytest.mark.slow  # a second quick run of the benchmark on CPU (make test-full)
 def test_a_failing_e2e_run_is_recorded_and_the_rest_still_runs(tmp_path):
     out = tmp_path / "out"
     proc = run_bench(

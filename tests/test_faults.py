@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,22 +72,31 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(mnist_root, tmp_path_factory) -> dict[str, Path]:
-    """Each variant run twice from scratch: the same config and seed give identical files."""
-    dirs = {}
-    for name, extra in VARIANTS.items():
-        first, second = (tmp_path_factory.mktemp(f"{name}{i}") / "run" for i in (1, 2))
-        for run_dir in (first, second):
-            proc = run_train(
-                *RUN, *extra, f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}"
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-        assert_same_run(first, second)
-        dirs[name] = first
-    return dirs
+def uninterrupted(mnist_root, tmp_path_factory) -> Callable[[str], Path]:
+    """A variant run twice from scratch (the same config and seed give identical files), made
+    when a test first asks for it: `make test` skips the slow stacked case and its runs."""
+    dirs: dict[str, Path] = {}
+
+    def run_dir_of(name: str) -> Path:
+        if name not in dirs:
+            first, second = (tmp_path_factory.mktemp(f"{name}{i}") / "run" for i in (1, 2))
+            for run_dir in (first, second):
+                proc = run_train(
+                    *RUN,
+                    *VARIANTS[name],
+                    f"paths.data_dir={mnist_root}",
+                    f"hydra.run.dir={run_dir}",
+                )
+                assert proc.returncode == 0, proc.stderr[-3000:]
+            assert_same_run(first, second)
+            dirs[name] = first
+        return dirs[name]
+
+    return run_dir_of
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# The stacked case is slow (its uninterrupted runs too): `make test-full` runs it.
+@pytest.mark.parametrize("variant", ["plain", pytest.param("stacked", marks=pytest.mark.slow)])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
     variant, uninterrupted, mnist_root, tmp_path
 ):
@@ -102,13 +112,16 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
     resumed = run_train(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
-    assert_same_run(uninterrupted[variant], run_dir)
+    assert_same_run(uninterrupted(variant), run_dir)
     if variant == "plain":  # the W&B run continues under the same id
         ids = {p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*")}
         assert len(list(run_dir.glob("wandb/offline-run-*"))) == 2 and len(ids) == 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+# SIGUSR1 takes the same path as SIGTERM (preemption.py): the slow suite checks it too.
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)]
+)
 def test_preemption_signal_checkpoints_and_exits_for_requeue(
     sig, uninterrupted, mnist_root, tmp_path
 ):
@@ -126,7 +139,7 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert metrics_files(run_dir) == {
-        "metrics.jsonl": (uninterrupted["plain"] / "metrics.jsonl").read_bytes()
+        "metrics.jsonl": (uninterrupted("plain") / "metrics.jsonl").read_bytes()
     }
 
 
