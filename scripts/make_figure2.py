@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 
 from bnrepro.analysis import (
     RunRecord,
@@ -86,20 +85,6 @@ SMALL = Scale(
 )
 
 
-def seed_curves(runs: list[RunRecord], metric: str) -> dict[str, tuple[list[int], np.ndarray]]:
-    """Per arm: the evaluation steps all its seeds share and a (seeds, steps) matrix."""
-    by_arm: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        by_arm.setdefault(run.arm, []).append(run)
-    out = {}
-    for arm, arm_runs in by_arm.items():
-        curves = [[m for m in r.metrics if m.get(metric) is not None] for r in arm_runs]
-        n = min(len(c) for c in curves)
-        matrix = np.array([[m[metric] for m in c[:n]] for c in curves]).reshape(len(curves), n)
-        out[arm] = ([m["step"] for m in curves[0][:n]], matrix)
-    return out
-
-
 def per_seed(runs: list[RunRecord], metric: str, target: float) -> dict[str, list[dict]]:
     """Every seed's own numbers, for confidence intervals (scripts/make_report.py)."""
     out: dict[str, list[dict]] = {}
@@ -147,17 +132,16 @@ def main() -> int:
             print("error: no Inception runs: pass --target", file=sys.stderr)
             return 2
         target = round(results["inception"].max_acc, 2)
-    curves = seed_curves(runs, scale.metric)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for arm, label in scale.arms.items():
         if arm in results:
             r = results[arm]
             line = ax.plot(r.steps, r.curve, label=label + (" (diverged)" if r.diverged else ""))
-            steps, matrix = curves[arm]
-            if args.small and matrix.shape[0] > 1:
+            seeds = r.seed_curves
+            if args.small and seeds.shape[0] > 1:
                 ax.fill_between(
-                    steps, matrix.min(0), matrix.max(0), color=line[0].get_color(), alpha=0.15
+                    r.steps, seeds.min(0), seeds.max(0), color=line[0].get_color(), alpha=0.15
                 )
     ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("training step")

@@ -79,9 +79,14 @@ class ArmResult:
     arm: str
     seeds: list[int]
     steps: list[int]
-    curve: np.ndarray
+    seed_curves: np.ndarray  # (seeds, steps): each seed's metric at the shared evaluations
     statuses: list[str]
     diverged_at: list[int]
+
+    @property
+    def curve(self) -> np.ndarray:
+        """The mean over seeds at each shared evaluation."""
+        return self.seed_curves.mean(axis=0) if self.seed_curves.size else np.array([])
 
     @property
     def diverged(self) -> bool:
@@ -116,9 +121,9 @@ def arm_results(runs: list[RunRecord], metric: str) -> dict[str, ArmResult]:
             arm=arm,
             seeds=[r.seed for r in arm_runs],
             steps=[m["step"] for m in curves[0][:n]],
-            curve=np.array([[m[metric] for m in c[:n]] for c in curves]).mean(axis=0)
-            if n
-            else np.array([]),
+            seed_curves=np.array([[m[metric] for m in c[:n]] for c in curves]).reshape(
+                len(curves), n
+            ),
             statuses=[r.summary["status"] for r in arm_runs],
             diverged_at=[
                 r.summary["diverged_at_step"] for r in arm_runs if r.summary["status"] == "diverged"

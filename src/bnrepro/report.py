@@ -18,6 +18,8 @@ from typing import Any
 
 from scipy import stats
 
+from bnrepro.analysis import find_runs
+
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTED = (
     "reproduced",
     "partly",
@@ -95,21 +97,23 @@ def difference_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
     return Interval(diff, diff - half, diff + half, n)
 
 
-def verdict_difference(estimate: Interval | None) -> str:
-    """The paper's direction is positive (pass the difference that way round)."""
+def verdict_above(estimate: Interval | None, threshold: float) -> str:
+    """The paper's claim is `estimate > threshold`: reproduced when the whole interval is
+    (over 2 seeds or more), partly when only the estimate is."""
     if estimate is None:
         return NOT_TESTED
-    if estimate.low > 0 and estimate.n >= 2:
+    if estimate.low > threshold and estimate.n >= 2:
         return REPRODUCED
-    return PARTLY if estimate.value > 0 else NOT_REPRODUCED
+    return PARTLY if estimate.value > threshold else NOT_REPRODUCED
+
+
+def verdict_difference(estimate: Interval | None) -> str:
+    """The paper's direction is positive (pass the difference that way round)."""
+    return verdict_above(estimate, 0.0)
 
 
 def verdict_speedup(ratio: Interval | None) -> str:
-    if ratio is None:
-        return NOT_TESTED
-    if ratio.low > 1 and ratio.n >= 2:
-        return REPRODUCED
-    return PARTLY if ratio.value > 1 else NOT_REPRODUCED
+    return verdict_above(ratio, 1.0)
 
 
 def verdict_outcomes(matches: int, total: int) -> str:
@@ -176,17 +180,6 @@ def speedups(slow_steps: int | None, fast_seeds: Sequence[int | None]) -> Interv
     return mean_interval([slow_steps / s if s else 0.0 for s in fast_seeds])
 
 
-def read_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """Per arm: each run's summary and metrics, from results/<x>/runs/<arm>-seed<k>/."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for summary_path in sorted(folder.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        lines = (summary_path.parent / "metrics.jsonl").read_text().splitlines()
-        metrics = [json.loads(line) for line in lines if line.strip()]
-        out.setdefault(summary["arm"], []).append({"summary": summary, "metrics": metrics})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The claims
 
@@ -217,7 +210,7 @@ def figure1_rows(results: Path, folder: str, dataset: str, command: str) -> list
                 command,
             ),
         ]
-    runs = read_runs(results / folder / "runs")
+    runs = find_runs(results / folder / "runs")
     rows = []
     # Faster: each BN seed's steps to the baseline's mean final accuracy, against the step at
     # which the baseline's mean curve first reached it.
@@ -228,9 +221,9 @@ def figure1_rows(results: Path, folder: str, dataset: str, command: str) -> list
         list(zip(plotted["steps"], plotted["test_acc_mean"], strict=True)), target or math.inf
     )
     fast = [
-        steps_to([(m["step"], m["test/acc"]) for m in r["metrics"] if "test/acc" in m], target)
-        for r in runs.get("bn", [])
-        if r["summary"]["status"] == "completed"
+        steps_to([(m["step"], m["test/acc"]) for m in r.metrics if "test/acc" in m], target)
+        for r in runs
+        if r.arm == "bn" and r.summary["status"] == "completed"
     ]
     ratio = speedups(slow, fast) if target is not None else None
     ours = (
