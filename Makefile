@@ -31,11 +31,28 @@ FIG2_ARMS := inception bn_baseline bn_x5 bn_x30 bn_x5_sigmoid inception_x5 incep
 comma := ,
 space := $(subst ,, )
 FIG2_EXPERIMENTS := $(subst $(space),$(comma),$(addprefix fig2_small/,$(FIG2_ARMS)))
+# Issue 13, beyond the paper (README, "Beyond the paper"): ICS measured, BN's inference
+# statistics compared, and the batch-size sensitivity of each normalisation. 5 seeds each,
+# stacked in one process per arm (the fast path).
+ICS_SEEDS ?= [1,2,3,4,5]
+ICS_SWEEP_DIR ?= logs/reproduce-ics
+ICS_RESULTS := results/ics
+BN_STATS_SEEDS ?= [1,2,3,4,5]
+BN_STATS_BATCH_SIZES ?= 8,16,32,60,150,600
+BN_STATS_SWEEP_DIR ?= logs/reproduce-bn-stats
+BN_STATS_RESULTS := results/bn_stats
+BATCH_SEEDS ?= [1,2,3,4,5]
+BATCH_SIZES ?= 2,4,8,16,32,64,128,256
+# batch_renorm_scaled: Ioffe 2017's schedule scaled to these short runs (configs/norm/).
+BATCH_NORMS ?= none,bn,batch_renorm_scaled,group_norm,layer_norm
+BATCH_SWEEP_DIR ?= logs/reproduce-batch-size
+BATCH_RESULTS := results/batch_size
 # The Figure 3 grid in miniature: every combination of the variant groups on the MNIST MLP.
 GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,inception
 
 .PHONY: help install lint format test test-full test-gpu reproduce-mnist reproduce-mnist-grid \
-	reproduce-fashion reproduce-fig2-small report figures bench bench-imagenet bench-gpu clean
+	reproduce-fashion reproduce-fig2-small reproduce-ics reproduce-bn-stats reproduce-batch-size \
+	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -98,6 +115,28 @@ reproduce-fig2-small: install ## Figures 2 and 3 at small scale (Fashion-MNIST),
 	$(PY) scripts/collect_runs.py $(FIG2_SWEEP_DIR) $(FIG2_RESULTS)/runs
 	$(PY) scripts/make_figure2.py --small --runs $(FIG2_RESULTS)/runs --out $(FIG2_RESULTS)
 
+reproduce-ics: install ## ICS and loss landscape: no BN, BN, noisy BN (Santurkar et al.), results/ics/
+	$(PY) -m bnrepro.train --multirun experiment=ics/baseline,ics/bn,ics/noisy_bn \
+		"seeds=$(ICS_SEEDS)" hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=$(ICS_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(ICS_SWEEP_DIR) $(ICS_RESULTS)/runs
+	$(PY) scripts/make_ics_figure.py --runs $(ICS_RESULTS)/runs --out $(ICS_RESULTS)
+
+# The largest jobs (the smallest batches) first: data.batch_size varies slowest in the sweep.
+reproduce-bn-stats: install ## BN's inference statistics (EMA, cumulative, Alg. 2, precise) by batch size, results/bn_stats/
+	$(PY) -m bnrepro.train --multirun experiment=bn_stats/bn \
+		data.batch_size=$(BN_STATS_BATCH_SIZES) "seeds=$(BN_STATS_SEEDS)" hydra/launcher=joblib \
+		hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(BN_STATS_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(BN_STATS_SWEEP_DIR) $(BN_STATS_RESULTS)/runs
+	$(PY) scripts/make_bn_stats_figure.py --runs $(BN_STATS_RESULTS)/runs --out $(BN_STATS_RESULTS)
+
+reproduce-batch-size: install ## Test error vs batch size 2..256 for each norm (GroupNorm's Fig. 1), results/batch_size/
+	$(PY) -m bnrepro.train --multirun experiment=batch_size/grid data.batch_size=$(BATCH_SIZES) \
+		norm=$(BATCH_NORMS) "seeds=$(BATCH_SEEDS)" hydra/launcher=joblib \
+		hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(BATCH_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(BATCH_SWEEP_DIR) $(BATCH_RESULTS)/runs
+	$(PY) scripts/make_batch_size_figure.py --runs $(BATCH_RESULTS)/runs --out $(BATCH_RESULTS)
+
 report: install ## results/REPORT.md: every claim of the paper, ours with a 95 % CI and a verdict
 	$(PY) scripts/make_report.py --results results --out results/REPORT.md
 
@@ -106,6 +145,9 @@ figures: install ## Rebuild every figure in results/ from the run logs stored th
 	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
 	$(PY) scripts/make_figure1.py --runs $(FASHION_RESULTS)/runs --out $(FASHION_RESULTS)
 	$(PY) scripts/make_figure2.py --small --runs $(FIG2_RESULTS)/runs --out $(FIG2_RESULTS)
+	$(PY) scripts/make_ics_figure.py --runs $(ICS_RESULTS)/runs --out $(ICS_RESULTS)
+	$(PY) scripts/make_bn_stats_figure.py --runs $(BN_STATS_RESULTS)/runs --out $(BN_STATS_RESULTS)
+	$(PY) scripts/make_batch_size_figure.py --runs $(BATCH_RESULTS)/runs --out $(BATCH_RESULTS)
 
 bench: install ## MNIST speed: DataLoader vs in-memory vs the trainer, and make reproduce-mnist's wall time
 	$(PY) scripts/bench_mnist.py --data-dir "$${DATA_DIR:-data}"

@@ -1,4 +1,5 @@
-"""Config helpers: Hydra resolvers (repo_root, run_name, mul, div) and the run's result hash.
+"""Config helpers: Hydra resolvers (repo_root, run_name, mul, div, floor_div) and the run's
+result hash.
 
 What each key may hold is checked by bnrepro.schema."""
 
@@ -92,6 +93,8 @@ RESOLVERS = {
     # optim.lr = base_lr * lr_mult (x1/x5/x30), weight decay / 5 and faster decay (Section 4.2.1)
     "mul": lambda a, b: a * b,
     "div": lambda a, b: a / b,
+    # Integer counts from others: steps per epoch at a batch size (experiment/batch_size.yaml).
+    "floor_div": lambda a, b: int(a) // int(b),
 }
 
 

@@ -19,11 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bnrepro.bn_estimators import StatsEstimators
 from bnrepro.distributed import DistEnv, sync_bn_buffers
 from bnrepro.graph_step import GraphStep
+from bnrepro.ics import measured_step
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.optim import StepwiseExponentialLR
 from bnrepro.probes import nonlinearity_input_percentiles
+from bnrepro.schema import ICSConfig
 from bnrepro.tasks import Task
 from bnrepro.tracking import Tracker
 
@@ -46,6 +49,8 @@ class LoopSettings:
     sync_every: int = 100  # steps between host reads of the losses (divergence, stop signals)
     cuda_graph: bool = False  # capture the training step in a CUDA graph (graph_step.py)
     dist_bn: str = "reduce"  # how ranks' BN running statistics combine before evaluating
+    ics: ICSConfig | None = None  # measure ICS and the landscape every ics.every steps (ics.py)
+    estimators: StatsEstimators | None = None  # every estimate of BN's statistics, evaluated
 
 
 @dataclass
@@ -120,14 +125,23 @@ def evaluation_records(
     """What is logged at one evaluation, per member: the task's metrics and the percentiles.
 
     `model` is the bare network (not the DDP wrapper): evaluation runs no collective of DDP.
+    With `settings.estimators`, each estimate of BN's statistics is evaluated first.
     """
+    compared: list[dict[str, float]] = [{} for _ in range(getattr(model, "members", 1))]
+    if settings.estimators is not None:
+        compared = settings.estimators.evaluate(
+            task.evaluate, task.population_batches, task.epoch_batches()
+        )
     if settings.bn is not None:  # Algorithm 2 in population mode; nothing for the others
         settings.bn.refresh(model, task.population_batches)
     sync_bn_buffers(env, model, settings.dist_bn)
     probes = nonlinearity_input_percentiles(
         model, model.nonlinearities(), task.probe_x, settings.probe_unit, settings.percentiles
     )
-    return [metrics | probe for metrics, probe in zip(task.evaluate(model), probes, strict=True)]
+    return [
+        metrics | probe | other
+        for metrics, probe, other in zip(task.evaluate(model), probes, compared, strict=True)
+    ]
 
 
 def fit(
@@ -200,6 +214,15 @@ def fit(
         state.loss_sum = torch.tensor(sums, dtype=torch.float64)
         return stop
 
+    def measure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step with Santurkar et al.'s measurements (ics.py), logged at once."""
+        losses, records = measured_step(
+            network, optimizer, x, y, settings.ics.step_scales, member_losses
+        )
+        for i in alive:
+            trackers[i].log({"step": state.step} | records[i])
+        return losses
+
     if settings.eval_at_start and not resumed:
         evaluate_and_log(0, [{} for _ in trackers])
     model.train()
@@ -216,7 +239,10 @@ def fit(
     with bar:
         while state.step < settings.steps and alive:
             x, y = next(task.train_batches)
-            loss_log[logged].copy_(run_step(x, y), non_blocking=True)
+            if settings.ics is not None and state.step % settings.ics.every == 0:
+                loss_log[logged].copy_(measure(x, y))
+            else:
+                loss_log[logged].copy_(run_step(x, y), non_blocking=True)
             logged += 1
             if scheduler is not None:
                 scheduler.step_batch()

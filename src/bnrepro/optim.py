@@ -6,14 +6,25 @@ import torch
 from torch import nn
 from torchvision.ops._utils import split_normalization_params
 
+from bnrepro.models.norms import NORM_CLASSES
 from bnrepro.schema import OptimConfig
+
+# torchvision's normalisation classes (its default) and ours (models/norms.py).
+_NORMS = [
+    nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+    *NORM_CLASSES,
+]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD (with momentum when set). Weight decay skips BN's gamma and beta, as
+    """SGD (with momentum when set). Weight decay skips the norms' gamma and beta, as
     torchvision's reference scripts do with --norm-weight-decay 0: decaying gamma would fight
     the scale that BN is there to learn."""
-    norm_params, other_params = split_normalization_params(model)
+    norm_params, other_params = split_normalization_params(model, _NORMS)
     groups = [{"params": other_params, "weight_decay": cfg.weight_decay}]
     if norm_params:
         groups.append({"params": norm_params, "weight_decay": cfg.norm_weight_decay})

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from bnrepro.bn_estimators import StatsEstimators
 from bnrepro.checkpoint import Checkpointer, find_resume
 from bnrepro.config import result_hash
 from bnrepro.distributed import DistEnv, broadcast_object, device_name, replicas_in_sync, wrap_model
@@ -60,7 +61,7 @@ def train(cfg: RunConfig, env: DistEnv) -> list[dict[str, Any]]:
     bn = network_bn(cfg.model.norm, cfg.model.bn)  # the BN statistics the task and loop ask
     task = build_task(cfg, env, bn)
     network, model = build_model(cfg, env)
-    settings = loop_settings(cfg, env, bn)
+    settings = loop_settings(cfg, env, bn, network)
     log.info(f"device: {device}" + (", CUDA graph" if settings.cuda_graph else ""))
     if env.enabled:
         syncbn = " with SyncBatchNorm" if cfg.trainer.sync_bn else ""
@@ -129,7 +130,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loop_settings(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> LoopSettings:
+def loop_settings(
+    cfg: RunConfig, env: DistEnv, bn: BNStats | None, network: torch.nn.Module
+) -> LoopSettings:
+    """What the loop reads, from the checked config; the opt-in probes attached to `network`."""
+    if cfg.trainer.ics is not None and (env.enabled or cfg.trainer.amp is not None):
+        raise ConfigError(
+            "trainer.ics measures one process's fp32 steps: run it without torchrun and with "
+            "trainer.amp=null"
+        )
+    probe = cfg.trainer.bn_stats_probe
+    estimators = None
+    if probe is not None:
+        estimators = StatsEstimators(network, probe.ema_momenta, probe.population_batches)
     return LoopSettings(
         steps=cfg.trainer.steps,
         eval_every=cfg.trainer.eval_every,
@@ -144,6 +157,8 @@ def loop_settings(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> LoopSetti
         sync_every=cfg.trainer.sync_every,
         cuda_graph=use_cuda_graph(cfg, env, bn),
         dist_bn=cfg.trainer.dist_bn,
+        ics=cfg.trainer.ics,
+        estimators=estimators,
         progress_desc=f"{cfg.arm} seed{'s' if cfg.seeds else ''} "
         + ",".join(map(str, cfg.seeds or [cfg.seed])),
     )
@@ -161,6 +176,8 @@ def use_cuda_graph(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> bool:
         (cfg.trainer.compile, "trainer.compile=true"),
         (env.device.type == "cuda" and cfg.trainer.amp == "bf16", "trainer.amp=bf16"),
         (cfg.optim.schedule is not None, "the learning rate follows a schedule"),
+        (cfg.trainer.ics is not None, "trainer.ics measures some steps outside the graph"),
+        (cfg.trainer.bn_stats_probe is not None, "trainer.bn_stats_probe hooks BN's inputs"),
         (
             bn is not None and bn.layer_momentum is None,
             "model.bn.stats=cumulative reads its momentum on the host",

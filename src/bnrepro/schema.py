@@ -27,7 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from bnrepro.errors import ConfigError
 
 Activation = Literal["sigmoid", "relu"]
-Norm = Literal["none", "bn"]
+# What normalises each layer before its nonlinearity (models/norms.py): the paper's BN, none,
+# and the alternatives of later work (issue 13): Batch Renormalization (Ioffe 2017), GroupNorm
+# (Wu & He 2018), LayerNorm, and BN followed by noise that shifts its output distribution at
+# every step (Santurkar et al. 2018).
+Norm = Literal["none", "bn", "batch_renorm", "group_norm", "layer_norm", "noisy_bn"]
 StatsMode = Literal["ema", "cumulative", "population"]  # BN inference statistics (batchnorm.py)
 Device = Literal["auto", "cpu", "cuda"]
 DistBN = Literal["reduce", "broadcast"]  # BN running statistics across ranks (distributed.py)
@@ -69,6 +73,57 @@ class BNSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RenormSettings:
+    """model.renorm (norm=batch_renorm): Algorithm 1 of Ioffe 2017 (models/batch_renorm.py)."""
+
+    r_max: float = rule(lambda v: v >= 1, "a number >= 1")
+    d_max: float = rule(lambda v: v >= 0, "a number >= 0")
+    warmup_steps: int = rule(lambda v: v >= 0, "an integer >= 0")  # r = 1, d = 0: plain BN
+    r_max_steps: int = rule(lambda v: v >= 0, "an integer >= 0")  # r_max reached at this step
+    d_max_steps: int = rule(lambda v: v >= 0, "an integer >= 0")  # d_max reached at this step
+    momentum: float = rule(lambda v: 0 < v <= 1, "a number in (0, 1]")  # the paper's alpha
+    eps: float = _positive("a positive number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupNormSettings:
+    """model.group_norm (norm=group_norm): a layer of C channels gets gcd(C, groups) groups."""
+
+    groups: int = _positive()
+    eps: float = _positive("a positive number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseSettings:
+    """model.noise (norm=noisy_bn): what is drawn afresh at every step for each unit j of a
+    BN layer's output z (models/norms.ActivationNoise): a scale s_j in [scale], a mean m_j in
+    [-mean, mean] and a spread v_j in [0, std]; each activation becomes s_j z + m_j + v_j n,
+    n standard normal per example."""
+
+    mean: float = rule(lambda v: v >= 0, "a number >= 0")
+    std: float = rule(lambda v: v >= 0, "a number >= 0")
+    scale: tuple[float, float] = rule(lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low")
+
+
+# The settings section each norm needs besides model.norm (set by its configs/norm/ file).
+NORM_SECTIONS = {
+    "bn": "bn",
+    "noisy_bn": "noise",
+    "batch_renorm": "renorm",
+    "group_norm": "group_norm",
+}
+
+
+def _check_norm_settings(model: MLPConfig | InceptionConfig) -> None:
+    section = NORM_SECTIONS.get(model.norm)
+    if section is not None and getattr(model, section) is None:
+        raise ConfigError(
+            f"model.norm={model.norm} needs model.{section}: choose the norm with its config "
+            f"group (norm={model.norm}), which sets both"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class MLPConfig:
     """model=mlp: the MNIST network of Section 4.1 (models/mlp.py)."""
 
@@ -81,6 +136,13 @@ class MLPConfig:
     dropout: float = rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
     init_std: float = _positive("a positive number")
     bn: BNSettings
+    # Only with their norm (configs/norm/<norm>.yaml sets them).
+    renorm: RenormSettings | None = None
+    group_norm: GroupNormSettings | None = None
+    noise: NoiseSettings | None = None
+
+    def __post_init__(self) -> None:
+        _check_norm_settings(self)
 
     @property
     def narrowest(self) -> int:
@@ -110,6 +172,12 @@ class InceptionConfig:
         f"a list of Inception modules in table order, from {', '.join(get_args(InceptionModule))}",
     )
     bn: BNSettings
+    renorm: RenormSettings | None = None
+    group_norm: GroupNormSettings | None = None
+    noise: NoiseSettings | None = None
+
+    def __post_init__(self) -> None:
+        _check_norm_settings(self)
 
     @property
     def narrowest(self) -> int:
@@ -189,6 +257,29 @@ class ProbeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ICSConfig:
+    """trainer.ics: internal covariate shift and the loss landscape along the gradient
+    (Santurkar et al. 2018), measured at every `every`-th training step (bnrepro/ics.py)."""
+
+    every: int = _positive()
+    # Step sizes along the gradient, as multiples of the learning rate.
+    step_scales: list[float] = rule(
+        lambda v: len(v) > 0 and min(v) > 0, "a list of positive numbers"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BNStatsProbeConfig:
+    """trainer.bn_stats_probe: at every evaluation, the test accuracy of the same weights with
+    each estimate of BN's inference statistics (bnrepro/bn_estimators.py)."""
+
+    ema_momenta: list[float] = rule(
+        lambda v: all(0 < m <= 1 for m in v), "a list of numbers in (0, 1]"
+    )
+    population_batches: int = _positive()  # Algorithm 2's K
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """trainer: how long, how often, on what, and how fast (loop.py, run.py)."""
 
@@ -211,6 +302,9 @@ class TrainerConfig:
     checkpoint_every: int = rule(lambda v: v >= 0, "an integer >= 0")
     diverge_loss: float | None = rule(lambda v: v is None or v > 0, "null or a positive number")
     probe: ProbeConfig
+    # Opt-in measurements of issue 13's experiments; absent (null) elsewhere.
+    ics: ICSConfig | None = None
+    bn_stats_probe: BNStatsProbeConfig | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,6 +355,18 @@ class RunConfig:
                     "seeds=[...] (stacked training) needs the MNIST MLP (model=mlp); "
                     "run one seed per job instead: -m seed=1,2,3"
                 )
+        if self.trainer.ics is not None and not isinstance(self.model, MLPConfig):
+            raise ConfigError(
+                "trainer.ics measures the layers of the MNIST MLP (model=mlp), one after the "
+                "other; set trainer.ics=null for other models"
+            )
+        probe = self.trainer.bn_stats_probe
+        if probe is not None and (self.model.norm != "bn" or self.data.name == "imagenet"):
+            raise ConfigError(
+                f"trainer.bn_stats_probe compares BN's inference statistics: it needs norm=bn "
+                f"and an in-memory dataset (mnist, fashion_mnist), not norm={self.model.norm} "
+                f"on {self.data.name}; set trainer.bn_stats_probe=null"
+            )
 
     @property
     def variant(self) -> dict[str, Any]:
@@ -270,7 +376,7 @@ class RunConfig:
             "activation": self.model.activation,
             "dropout": self.model.dropout,
             "lr_mult": self.optim.lr_mult,
-            "bn_stats": self.model.bn.stats if self.model.norm == "bn" else None,
+            "bn_stats": self.model.bn.stats if self.model.norm in ("bn", "noisy_bn") else None,
         }
 
 

@@ -78,13 +78,18 @@ class BNStats(BNSettings):
         recompute_population_stats(model, batches, self.population_batches)
 
 
+# The norms whose layers are torch's BN, with inference statistics from `model.bn`.
+BN_NORMS = ("bn", "noisy_bn")
+
+
 def network_bn(norm: str, bn: Mapping[str, Any] | BNSettings | None) -> BNStats | None:
-    """The BN settings of a network with `norm`: BNStats for "bn" (where `bn` is required),
-    None otherwise. A given `bn` is checked either way, so a bad config fails on any norm."""
+    """The BN settings of a network with `norm`: BNStats for BN's norms (bn, noisy_bn; `bn` is
+    then required), None otherwise. A given `bn` is checked either way, so a bad config fails
+    on any norm."""
     settings = None if bn is None else BNStats.from_config(bn)
-    if norm == "bn" and settings is None:
-        raise ValueError("norm='bn' needs the BN settings `bn` (the config's model.bn)")
-    return settings if norm == "bn" else None
+    if norm in BN_NORMS and settings is None:
+        raise ValueError(f"norm={norm!r} needs the BN settings `bn` (the config's model.bn)")
+    return settings if norm in BN_NORMS else None
 
 
 def recompute_population_stats(

@@ -38,8 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import ACTIVATIONS
+from bnrepro.models.norms import Normalization
 
 # The appendix table, one row per Inception module: #1x1, #3x3 reduce, #3x3, double #3x3
 # reduce, double #3x3, pool type, pool projection (0 = pass through), stride. 4c and 4d's
@@ -69,12 +70,12 @@ def _max_pool_3x3_s2() -> nn.MaxPool2d:
 
 
 class ConvUnit(nn.Sequential):
-    """Conv -> [BN] -> activation, the building block of the whole network.
+    """Conv -> [norm] -> activation, the building block of the whole network.
 
-    With BN (`bn` not None) the convolution has no bias, BN's beta replaces it, and BN sits
-    right before the nonlinearity, normalising each feature map over the batch and all
-    positions (Section 3.2). The activation is its own module (`act`) so that probes can hook
-    its input.
+    With a normalisation (BN, or another `model.norm`: models/norms.py) the convolution has no
+    bias, the norm's beta replaces it, and the norm sits right before the nonlinearity; BN
+    normalises each feature map over the batch and all positions (Section 3.2). The activation
+    is its own module (`act`) so that probes can hook its input.
     """
 
     def __init__(
@@ -85,7 +86,7 @@ class ConvUnit(nn.Sequential):
         stride: int = 1,
         *,
         activation: str,
-        bn: BNStats | None,
+        norm: Normalization,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(
@@ -94,10 +95,10 @@ class ConvUnit(nn.Sequential):
             kernel_size,
             stride=stride,
             padding=kernel_size // 2,
-            bias=bn is None,
+            bias=not norm.has_beta,
         )
-        if bn is not None:
-            self.bn = bn.layer(out_channels, dims=2)
+        for name, module in norm.layers(out_channels, dims=2).items():
+            self.add_module(name, module)
         self.act = ACTIVATIONS[activation]()
         self.out_channels = out_channels
 
@@ -124,12 +125,12 @@ class InceptionModule(nn.Module):
         stride: int = 1,
         *,
         activation: str,
-        bn: BNStats | None,
+        norm: Normalization,
     ) -> None:
         super().__init__()
         if stride == 2 and (n1x1 or proj):
             raise ValueError("stride-2 modules have no 1x1 branch and pass the pool through")
-        unit = {"activation": activation, "bn": bn}
+        unit = {"activation": activation, "norm": norm}
         self.branch1x1 = ConvUnit(in_channels, n1x1, 1, **unit) if n1x1 else None
         self.branch3x3 = nn.Sequential()
         self.branch3x3.add_module("reduce", ConvUnit(in_channels, n3x3_reduce, 1, **unit))
@@ -167,8 +168,10 @@ class BNInception(nn.Module):
     Inception baseline with conv biases. `activation="sigmoid"` gives BN-x5-Sigmoid
     (Section 4.2.2). `lrn` and `dropout` restore what Section 4.2.1 removes from the original
     Inception: local response normalisation after the first pool and after the stem's 3x3
-    conv, and dropout (40 % originally) before the classifier. `bn` (the config's model.bn,
-    or a BNStats) is required with norm="bn"; `self.bn_stats` keeps it (None without BN).
+    conv, and dropout (40 % originally) before the classifier. The other norms of
+    models/norms.py (group_norm, layer_norm, batch_renorm, noisy_bn) take BN's place with the
+    settings they need (`renorm`, `group_norm`, `noise`); `bn` (the config's model.bn, or a
+    BNStats) is required with bn and noisy_bn; `self.bn_stats` keeps it (None without BN).
 
     Stages are kept in `self.stages` under the table's names (conv1, pool1, conv2_reduce,
     conv2, pool2, 3a .. 5b), so `stage_outputs` can report each one.
@@ -193,12 +196,16 @@ class BNInception(nn.Module):
         width_mult: float = 1.0,
         modules: Sequence[str] = tuple(INCEPTION_TABLE),
         init_mode: str = "fan_in",
+        renorm: Mapping[str, Any] | None = None,
+        group_norm: Mapping[str, Any] | None = None,
+        noise: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.bn_stats = network_bn(norm, bn)
+        self.normalization = Normalization.from_config(norm, bn, renorm, group_norm, noise)
+        self.bn_stats = self.normalization.bn
         self.activation = activation
         self.init_mode = init_mode
-        unit = {"activation": activation, "bn": self.bn_stats}
+        unit = {"activation": activation, "norm": self.normalization}
 
         def scaled(channels: int) -> int:  # every width times width_mult, at least 1
             return max(1, round(channels * width_mult)) if channels else 0

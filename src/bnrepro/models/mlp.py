@@ -7,7 +7,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.models.batchnorm import BNStats
+from bnrepro.models.norms import Normalization
 from bnrepro.schema import Activation, choices
 
 ACTIVATIONS = dict(zip(choices(Activation), (nn.Sigmoid, nn.ReLU), strict=True))
@@ -20,22 +21,24 @@ def mlp_layers(
     activation: str,
     dropout: float,
     linear: Callable[[int, int, bool], nn.Module],
-    bn_layer: Callable[[int], nn.Module] | None,
+    norm_layers: Callable[[int], dict[str, nn.Module]],
+    has_beta: bool,
 ) -> tuple[nn.ModuleDict, nn.Module]:
-    """Hidden layers h1..hN, each linear -> [BN] -> activation -> [dropout], and the classifier.
+    """Hidden layers h1..hN, each linear -> [norm] -> activation -> [dropout], and the
+    classifier.
 
-    `linear(in, out, bias)` and `bn_layer(features)` make the layers (plain for MLP, stacked for
-    StackedMLP); `bn_layer=None` builds no BN. With BN the linear map has no bias: BN's beta
-    replaces it (Section 3.2). Each activation is a named module (`act`) so probes can hook
-    its input.
+    `linear(in, out, bias)` and `norm_layers(features)` make the layers (plain for MLP, stacked
+    for StackedMLP; models/norms.py). With a normalisation that has a beta (`has_beta`) the
+    linear map has no bias: the beta replaces it (Section 3.2). Each activation is a named
+    module (`act`) so probes can hook its input.
     """
     layers = nn.ModuleDict()
     width = in_features
     for i, out in enumerate(hidden, start=1):
         block = nn.Sequential()
-        block.add_module("linear", linear(width, out, bn_layer is None))
-        if bn_layer is not None:
-            block.add_module("bn", bn_layer(out))
+        block.add_module("linear", linear(width, out, not has_beta))
+        for name, module in norm_layers(out).items():
+            block.add_module(name, module)
         block.add_module("act", ACTIVATIONS[activation]())
         if dropout > 0:
             block.add_module("dropout", nn.Dropout(dropout))
@@ -55,8 +58,9 @@ def init_gaussian(linears: Iterable[nn.Module], init_std: float) -> None:
 class MLP(nn.Module):
     """Fully connected hidden layers h1..hN (see `mlp_layers`) and a linear classifier.
 
-    `bn` (the config's model.bn, or a BNStats) is required with norm="bn"; `self.bn_stats`
-    keeps it as a BNStats (None without BN).
+    `norm` and the settings it needs (`bn` for bn and noisy_bn, `renorm`, `group_norm`,
+    `noise`: the config's model.* sections) make `self.normalization` (models/norms.py);
+    `self.bn_stats` is its BNStats (None without BN).
     """
 
     def __init__(
@@ -69,12 +73,22 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         init_std: float = 0.1,
         bn: Mapping[str, Any] | BNStats | None = None,
+        renorm: Mapping[str, Any] | None = None,
+        group_norm: Mapping[str, Any] | None = None,
+        noise: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.bn_stats = network_bn(norm, bn)
-        bn_layer = None if self.bn_stats is None else self.bn_stats.layer
+        self.normalization = Normalization.from_config(norm, bn, renorm, group_norm, noise)
+        self.bn_stats = self.normalization.bn
         self.layers, self.classifier = mlp_layers(
-            in_features, hidden, num_classes, activation, dropout, nn.Linear, bn_layer
+            in_features,
+            hidden,
+            num_classes,
+            activation,
+            dropout,
+            nn.Linear,
+            self.normalization.layers,
+            self.normalization.has_beta,
         )
         self.reset_parameters(init_std)
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP, init_gaussian, mlp_layers
+from bnrepro.models.norms import Normalization
 
 
 class StackedLinear(nn.Module):
@@ -68,18 +69,14 @@ class StackedMLP(nn.Module):
         dropout: float = 0.0,
         init_std: float = 0.1,
         bn: Mapping[str, Any] | BNStats | None = None,
+        renorm: Mapping[str, Any] | None = None,
+        group_norm: Mapping[str, Any] | None = None,
+        noise: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.members = members
-        self.bn_stats = network_bn(norm, bn)
-        bn_layer = None
-        if self.bn_stats is not None:
-            bn_layer = partial(
-                StackedBatchNorm,
-                members,
-                eps=self.bn_stats.eps,
-                momentum=self.bn_stats.layer_momentum,
-            )
+        self.normalization = Normalization.from_config(norm, bn, renorm, group_norm, noise)
+        self.bn_stats = self.normalization.bn
         self.layers, self.classifier = mlp_layers(
             in_features,
             hidden,
@@ -87,7 +84,8 @@ class StackedMLP(nn.Module):
             activation,
             dropout,
             partial(StackedLinear, members),
-            bn_layer,
+            partial(self.normalization.stacked_layers, members),
+            self.normalization.has_beta,
         )
         init_gaussian([*(b.linear for b in self.layers.values()), self.classifier], init_std)
 
@@ -102,12 +100,13 @@ class StackedMLP(nn.Module):
 
     @torch.no_grad()
     def load_member(self, i: int, mlp: MLP) -> None:
-        """Copy one plain MLP's parameters and BN buffers into member i.
+        """Copy one plain MLP's parameters and normalisation buffers into member i.
 
-        The MLP must have been built from the same arguments; shapes and BN settings are checked.
+        The MLP must have been built from the same arguments; shapes and norm settings are
+        checked.
         """
         mismatch = ValueError(f"member {i}: the MLP was built with other arguments than the stack")
-        if mlp.bn_stats != self.bn_stats or _blocks(mlp) != _blocks(self):
+        if mlp.normalization != self.normalization or _blocks(mlp) != _blocks(self):
             raise mismatch
         pairs = [(self.classifier, mlp.classifier)]
         pairs += [(self.layers[n].linear, mlp.layers[n].linear) for n in self.layers]
@@ -118,10 +117,14 @@ class StackedMLP(nn.Module):
             if stacked.bias is not None:
                 stacked.bias[i, :, 0].copy_(plain.bias)
         for name, block in self.layers.items():
-            if "bn" in block._modules:
-                sbn, pbn, f = block.bn, mlp.layers[name].bn, block.bn.features
-                for attr in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(sbn, attr)[i * f : (i + 1) * f].copy_(getattr(pbn, attr))
+            for kind in ("bn", "norm"):  # the per-feature tensors of any norm, member-major
+                if kind not in block._modules:
+                    continue
+                stacked, plain = block._modules[kind], mlp.layers[name]._modules[kind]
+                f = stacked.features
+                for attr in ("weight", "bias", "running_mean", "running_var", "running_std"):
+                    if hasattr(plain, attr):
+                        getattr(stacked, attr)[i * f : (i + 1) * f].copy_(getattr(plain, attr))
 
     def nonlinearities(self) -> dict[str, nn.Module]:
         """Activation modules by layer; their inputs are feature-major, (M, F, B)."""

@@ -1,12 +1,12 @@
 """A task is what the loop trains on: batches in, evaluation records out.
 
-`build_task` picks the dataset's task from `data.name`; the loop in `engine.py` never needs
+`build_task` picks the dataset's task from `data.name`; the loop (loop.py) never needs
 to know whether it trains the MNIST MLP or BN-Inception.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 # Population statistics draw their own batches, seeded apart from the training order, so a
 # seed's training data order is the same whichever BN statistics mode is chosen.
 POPULATION_SEED_OFFSET = 1_000_003
+PRECISE_SEED_OFFSET = 2_000_003  # the whole-training-set passes of precise BN, likewise
 
 
 @dataclass
@@ -33,6 +34,9 @@ class Task:
     evaluate: Callable[[nn.Module], list[dict[str, float]]]
     probe_x: torch.Tensor  # fixed inputs for the activation-percentile traces
     monitor: str  # the accuracy key the summary reports, e.g. "test/acc" or "val/top1"
+    # One pass over the whole training set in training-size batches, a fresh order per call
+    # (precise BN, bn_estimators.py); None where the probe is off or the data is not in memory.
+    epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def build_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:

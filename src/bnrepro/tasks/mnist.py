@@ -7,6 +7,8 @@ the data order of seed i, and evaluation returns one record per member.
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from bnrepro.data.mnist import load_mnist
 from bnrepro.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.schema import InceptionConfig, RunConfig
-from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
+from bnrepro.tasks import POPULATION_SEED_OFFSET, PRECISE_SEED_OFFSET, Task
 
 
 def build_mnist_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
@@ -44,7 +46,16 @@ def build_mnist_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
             return stacked_batches(train_x, train_y, batch, generators)
         return shuffled_batches(train_x, train_y, batch, generators[0])
 
-    needs_population = bn is not None and bn.needs_population_batches
+    probe = cfg.trainer.bn_stats_probe  # compares estimates, Algorithm 2's among them
+    needs_population = bn is not None and (bn.needs_population_batches or probe is not None)
+    epoch_batches = None
+    if probe is not None:
+        precise = batches(PRECISE_SEED_OFFSET)
+
+        def one_epoch():
+            return islice(precise, precise.n_batches)  # endless epochs: exactly the next one
+
+        epoch_batches = one_epoch
 
     @torch.inference_mode()
     def evaluate(model: nn.Module) -> list[dict[str, float]]:
@@ -73,4 +84,5 @@ def build_mnist_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
         evaluate=evaluate,
         probe_x=test_x[: cfg.trainer.probe.num_images],
         monitor="test/acc",
+        epoch_batches=epoch_batches,
     )
