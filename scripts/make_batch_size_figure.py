@@ -1,0 +1,130 @@
+"""Test error against batch size for each normalisation (like Figure 1 of Wu & He 2018).
+
+    python scripts/make_batch_size_figure.py --runs results/batch_size/runs --out results/batch_size
+
+Reads the runs of `make reproduce-batch-size` (experiment=batch_size/grid: one arm per norm and
+batch size, several seeds each) and writes batch_size.png (final test error, mean over seeds
+with its 95 % interval, against the batch size on a log axis) and batch_size.json (every
+seed's number, the means and intervals, the devices and the jobs' wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from bnrepro.analysis import find_runs
+from bnrepro.plots import save
+from bnrepro.report import mean_interval
+
+COMMAND = "make reproduce-batch-size"
+LABELS = {
+    "none": "no normalisation",
+    "bn": "BN",
+    "batch_renorm": "Batch Renorm",
+    "group_norm": "GroupNorm",
+    "layer_norm": "LayerNorm",
+}
+COLORS = {
+    "none": "tab:gray",
+    "bn": "tab:red",
+    "batch_renorm": "tab:orange",
+    "group_norm": "tab:blue",
+    "layer_norm": "tab:green",
+}
+
+
+def collect(runs_dir: Path) -> dict:
+    """{norm: {batch size: [final test error per seed]}}, and where and how long they ran."""
+    errors: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    seeds: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    devices, seconds, schedule = set(), {}, set()
+    for run in find_runs(runs_dir):
+        summary = run.summary
+        settings = summary["settings"]
+        # Epochs of the 60,000 training images, and the learning rate at batch size 60.
+        epochs = settings["trainer_steps"] * settings["batch_size"] / 60000
+        schedule.add((round(epochs, 2), round(settings["lr"] * 60 / settings["batch_size"], 6)))
+        norm, batch = summary["variant"]["norm"], summary["settings"]["batch_size"]
+        acc = summary["final_test_acc"] if summary["status"] == "completed" else None
+        errors[norm][batch].append(100.0 - acc if acc is not None else 100.0)
+        seeds[norm][batch].append(run.seed)
+        devices.add(summary["device"])
+        seconds[run.arm] = summary["wall_seconds"]  # a stacked job's members share it
+    table = {}
+    for norm in [n for n in LABELS if n in errors]:
+        table[norm] = {}
+        for batch in sorted(errors[norm]):
+            values = errors[norm][batch]
+            ci = mean_interval(values)
+            table[norm][str(batch)] = {
+                "seeds": seeds[norm][batch],
+                "values": values,
+                "mean": ci.value,
+                "low": ci.low,
+                "high": ci.high,
+            }
+    return {
+        "command": COMMAND,
+        "metric": "final test error (%) = 100 - final test accuracy; a diverged run counts 100",
+        "devices": sorted(devices),
+        "job_seconds_sum": round(sum(seconds.values()), 1),
+        "epochs_and_lr_at_60": sorted(schedule),
+        "norms": table,
+    }
+
+
+def plot(data: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for norm, rows in data["norms"].items():
+        sizes = [int(b) for b in rows]
+        means = [rows[b]["mean"] for b in rows]
+        below = [rows[b]["mean"] - rows[b]["low"] for b in rows]
+        above = [rows[b]["high"] - rows[b]["mean"] for b in rows]
+        ax.errorbar(
+            sizes,
+            means,
+            yerr=[below, above],
+            label=LABELS[norm],
+            color=COLORS[norm],
+            marker="o",
+            ms=4,
+            capsize=3,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (examples per mini-batch)")
+    ax.set_ylabel("final test error, % (log scale)")
+    epochs, lr60 = data["epochs_and_lr_at_60"][0]
+    ax.set_title(f"MNIST MLP, {epochs:g} epoch(s) at every batch size B, lr = {lr60:g} x B / 60")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not args.runs.is_dir():
+        print(f"error: {args.runs} is not a directory of runs", file=sys.stderr)
+        return 2
+    data = collect(args.runs)
+    if not data["norms"]:
+        print(f"error: no batch-size runs under {args.runs}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batch_size.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(data, args.out / "batch_size.png")
+    print(f"wrote {args.out / 'batch_size.png'} and batch_size.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
