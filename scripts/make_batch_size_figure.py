@@ -17,8 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
+from omegaconf import OmegaConf
 
-from bnrepro.analysis import find_runs
+from bnrepro.analysis import RunRecord, find_runs
 from bnrepro.plots import save
 from bnrepro.report import mean_interval
 
@@ -39,6 +41,14 @@ COLORS = {
 }
 
 
+def run_config(run: RunRecord) -> dict:
+    """The composed config saved beside a run (collected runs: config.yaml)."""
+    for name in ("config.yaml", ".hydra/config.yaml"):
+        if (run.path / name).is_file():
+            return OmegaConf.to_container(OmegaConf.load(run.path / name))
+    raise ValueError(f"{run.path}: no config.yaml beside the run")
+
+
 def collect(runs_dir: Path) -> dict:
     """{norm: {batch size: [final test error per seed]}}, and where and how long they ran."""
     errors: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -47,9 +57,9 @@ def collect(runs_dir: Path) -> dict:
     for run in find_runs(runs_dir):
         summary = run.summary
         settings = summary["settings"]
-        # Epochs of the 60,000 training images, and the learning rate at batch size 60.
-        epochs = settings["trainer_steps"] * settings["batch_size"] / 60000
-        schedule.add((round(epochs, 2), round(settings["lr"] * 60 / settings["batch_size"], 6)))
+        # The experiment's epochs, and its learning rate rescaled to batch size 60.
+        lr_at_60 = round(settings["lr"] * 60 / settings["batch_size"], 6)
+        schedule.add((run_config(run)["epochs"], lr_at_60))
         norm, batch = summary["variant"]["norm"], summary["settings"]["batch_size"]
         acc = summary["final_test_acc"] if summary["status"] == "completed" else None
         errors[norm][batch].append(100.0 - acc if acc is not None else 100.0)
@@ -97,7 +107,15 @@ def plot(data: dict, path: Path) -> None:
             capsize=3,
         )
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yscale("log")
+    lowest = min(r["low"] for rows in data["norms"].values() for r in rows.values())
+    ticks = [1, 2, 5, 10, 20, 50, 100]
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.set_ylim(max(0.5, 0.8 * lowest), 100)
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(sizes_all := sorted({int(b) for rows in data["norms"].values() for b in rows}))
+    ax.set_xticklabels([str(b) for b in sizes_all])
     ax.set_xlabel("batch size (examples per mini-batch)")
     ax.set_ylabel("final test error, % (log scale)")
     epochs, lr60 = data["epochs_and_lr_at_60"][0]

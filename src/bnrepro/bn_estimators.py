@@ -51,6 +51,7 @@ def batch_stats(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def estimator_names(ema_momenta: Sequence[float]) -> list[str]:
+    """The estimates' names, in the order they are evaluated."""
     return [*(f"ema_{m:g}" for m in ema_momenta), "cumulative", "algorithm2", "precise"]
 
 
@@ -175,7 +176,9 @@ class StatsEstimators:
         as they were."""
         with self.paused():
             own = self.current()
-            estimates = dict(zip(estimator_names(self.momenta), self.ema, strict=False))
+            estimates = {
+                f"ema_{m:g}": stats for m, stats in zip(self.momenta, self.ema, strict=True)
+            }
             estimates["cumulative"] = self.cumulative
             estimates["algorithm2"] = self.algorithm2(population_batches)
             estimates["precise"] = self.precise(epoch)

@@ -1,0 +1,96 @@
+"""Issue 13's experiments end to end, shortened: the entrypoint's sweep, the run logs, the
+figure scripts' PNG and JSON. The make targets run the same commands at full length."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bnrepro.analysis import find_runs
+
+from .conftest import REPO, run_train
+
+SHORT = ("logger=none", "trainer.eval_at_start=true")
+
+
+def make_figure(script: str, runs, out) -> dict:
+    proc = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--runs", str(runs), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+def test_ics_experiment_logs_the_measures_and_plots_them(tmp_path, mnist_root):
+    sweep = tmp_path / "ics"
+    proc = run_train(
+        "-m",
+        "experiment=ics/baseline,ics/bn,ics/noisy_bn",
+        "seeds=[1,2]",
+        "trainer.steps=40",
+        "trainer.eval_every=20",
+        "++trainer.ics.every=10",  # ++: the first composition (no experiment yet) has no ics
+        f"paths.data_dir={mnist_root}",
+        f"hydra.sweep.dir={sweep}",
+        *SHORT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = find_runs(sweep)
+    assert sorted({r.arm for r in runs}) == ["baseline", "bn", "noisy_bn"] and len(runs) == 6
+    measured = [m["step"] for m in runs[0].metrics if "ics/h2/l2" in m]
+    assert measured == [0, 10, 20, 30]
+    data = make_figure("make_ics_figure.py", sweep, tmp_path / "out")
+    assert (tmp_path / "out" / "ics.png").stat().st_size > 10_000
+    bn = data["arms"]["bn"]
+    assert len(bn["per_seed_mean"]["beta"]["values"]) == 2
+    assert all(0 < c <= 1 for c in bn["per_seed_mean"]["ics_cos"]["values"])
+
+
+def test_bn_stats_and_batch_size_experiments_run_and_plot(tmp_path, mnist_root):
+    """Two batch sizes each; the estimates are all evaluated, precise BN's gap is 0."""
+    stats_sweep, size_sweep = tmp_path / "bn_stats", tmp_path / "batch_size"
+    common = ("seeds=[1,2]", "epochs=1", "train_examples=1200", f"paths.data_dir={mnist_root}")
+    proc = run_train(
+        "-m",
+        "experiment=bn_stats/bn",
+        "data.batch_size=60,600",
+        f"hydra.sweep.dir={stats_sweep}",
+        "trainer.bn_stats_probe.population_batches=3",
+        "trainer.eval_every=25",  # at step 0 and the end: a precise-BN pass is 60,000 images
+        *common,
+        *SHORT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = make_figure("make_bn_stats_figure.py", stats_sweep, tmp_path / "stats_out")
+    assert set(data["batch_sizes"]) == {"60", "600"}
+    estimates = data["batch_sizes"]["60"]["estimates"]
+    assert set(estimates) == {"ema_0.1", "ema_0.01", "cumulative", "algorithm2", "precise"}
+    assert estimates["precise"]["final_gap"]["values"] == [0.0, 0.0]
+    # The run's own evaluation uses torch's EMA 0.1: the probe's ema_0.1 matches it.
+    for run in find_runs(stats_sweep):
+        last = run.metrics[-1]
+        assert last["bn_stats/ema_0.1/test_acc"] == pytest.approx(last["test/acc"], abs=0.02)
+
+    proc = run_train(
+        "-m",
+        "experiment=batch_size/grid",
+        "data.batch_size=4,32",
+        "norm=batch_renorm_scaled,layer_norm",
+        f"hydra.sweep.dir={size_sweep}",
+        *common,
+        *SHORT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = make_figure("make_batch_size_figure.py", size_sweep, tmp_path / "size_out")
+    assert set(data["norms"]) == {"batch_renorm", "layer_norm"}
+    assert set(data["norms"]["layer_norm"]) == {"4", "32"}
+    assert data["epochs_and_lr_at_60"] == [[1, 0.1]]
+    steps = {r.arm: r.summary["steps"] for r in find_runs(size_sweep)}
+    assert steps["batch_renorm_b4"] == 300 and steps["layer_norm_b32"] == 37  # 1200 examples' worth
