@@ -174,3 +174,19 @@ def test_new_norms_params_take_the_norm_weight_decay():
         norms = [m for m in model.modules() if isinstance(m, BatchRenorm | StackedGroupNorm)]
         assert norms and all(id(m.weight) in norm_params for m in norms)
         assert groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("experiment=fig2_small/bn_baseline", "+trainer.ics={every: 10, step_scales: [1.0]}"),
+            "trainer.ics measures the layers of the MNIST MLP",
+        ),
+        (("experiment=bn_stats/bn", "norm=group_norm"), "trainer.bn_stats_probe compares"),
+        (("experiment=ics/bn", "trainer.ics.step_scales=[]"), "trainer.ics.step_scales=[]"),
+    ],
+)
+def test_a_probe_that_cannot_apply_is_one_line(compose_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_config(compose_cfg(*overrides))
