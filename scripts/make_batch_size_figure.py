@@ -57,9 +57,10 @@ def collect(runs_dir: Path) -> dict:
     for run in find_runs(runs_dir):
         summary = run.summary
         settings = summary["settings"]
-        # The experiment's epochs, and its learning rate rescaled to batch size 60.
-        lr_at_60 = round(settings["lr"] * 60 / settings["batch_size"], 6)
-        schedule.add((run_config(run)["epochs"], lr_at_60))
+        if run.arm not in seconds:  # one config read per job: its seeds share it
+            # The experiment's epochs, and its learning rate rescaled to batch size 60.
+            lr_at_60 = round(settings["lr"] * 60 / settings["batch_size"], 6)
+            schedule.add((run_config(run)["epochs"], lr_at_60))
         norm, batch = summary["variant"]["norm"], summary["settings"]["batch_size"]
         acc = summary["final_test_acc"] if summary["status"] == "completed" else None
         errors[norm][batch].append(100.0 - acc if acc is not None else 100.0)

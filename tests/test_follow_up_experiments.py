@@ -53,24 +53,27 @@ def test_ics_experiment_logs_the_measures_and_plots_them(tmp_path, mnist_root):
     assert all(0 < c <= 1 for c in bn["per_seed_mean"]["ics_cos"]["values"])
 
 
-def test_bn_stats_and_batch_size_experiments_run_and_plot(tmp_path, mnist_root):
-    """Two batch sizes each; the estimates are all evaluated, precise BN's gap is 0."""
-    stats_sweep, size_sweep = tmp_path / "bn_stats", tmp_path / "batch_size"
-    common = ("seeds=[1,2]", "epochs=1", "train_examples=1200", f"paths.data_dir={mnist_root}")
+COMMON = ("seeds=[1,2]", "epochs=1", "train_examples=1200")
+
+
+def test_bn_stats_experiment_evaluates_every_estimate_and_plots(tmp_path, mnist_root):
+    """Two batch sizes; the estimates are all evaluated, precise BN's gap is 0."""
+    stats_sweep = tmp_path / "bn_stats"
     proc = run_train(
         "-m",
         "experiment=bn_stats/bn",
-        "data.batch_size=60,600",
+        "data.batch_size=150,600",  # a precise-BN pass: 400 and 100 batches
         f"hydra.sweep.dir={stats_sweep}",
         "trainer.bn_stats_probe.population_batches=3",
         "trainer.eval_every=25",  # at step 0 and the end: a precise-BN pass is 60,000 images
-        *common,
+        *COMMON,
+        f"paths.data_dir={mnist_root}",
         *SHORT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = make_figure("make_bn_stats_figure.py", stats_sweep, tmp_path / "stats_out")
-    assert set(data["batch_sizes"]) == {"60", "600"}
-    estimates = data["batch_sizes"]["60"]["estimates"]
+    assert set(data["batch_sizes"]) == {"150", "600"}
+    estimates = data["batch_sizes"]["150"]["estimates"]
     assert set(estimates) == {"ema_0.1", "ema_0.01", "cumulative", "algorithm2", "precise"}
     assert estimates["precise"]["final_gap"]["values"] == [0.0, 0.0]
     # The run's own evaluation uses torch's EMA 0.1: the probe's ema_0.1 matches it.
@@ -78,19 +81,36 @@ def test_bn_stats_and_batch_size_experiments_run_and_plot(tmp_path, mnist_root):
         last = run.metrics[-1]
         assert last["bn_stats/ema_0.1/test_acc"] == pytest.approx(last["test/acc"], abs=0.02)
 
+
+# The training path is every other MNIST run's with another norm (tests/test_norms.py): the
+# sweep and its figure only in `make test-full`, for CI time.
+@pytest.mark.slow
+def test_batch_size_experiment_runs_and_plots(tmp_path, mnist_root):
+    size_sweep = tmp_path / "batch_size"
     proc = run_train(
         "-m",
         "experiment=batch_size/grid",
-        "data.batch_size=4,32",
+        "data.batch_size=8,32",
         "norm=batch_renorm_scaled,layer_norm",
         f"hydra.sweep.dir={size_sweep}",
-        *common,
+        *COMMON,
+        f"paths.data_dir={mnist_root}",
         *SHORT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = make_figure("make_batch_size_figure.py", size_sweep, tmp_path / "size_out")
     assert set(data["norms"]) == {"batch_renorm", "layer_norm"}
-    assert set(data["norms"]["layer_norm"]) == {"4", "32"}
+    assert set(data["norms"]["layer_norm"]) == {"8", "32"}
     assert data["epochs_and_lr_at_60"] == [[1, 0.1]]
     steps = {r.arm: r.summary["steps"] for r in find_runs(size_sweep)}
-    assert steps["batch_renorm_b4"] == 300 and steps["layer_norm_b32"] == 37  # 1200 examples' worth
+    assert steps["batch_renorm_b8"] == 150 and steps["layer_norm_b32"] == 37  # 1200 examples' worth
+
+
+def test_committed_batch_size_numbers_are_rebuilt_from_the_committed_run_logs(tmp_path):
+    """What `make figures` does (the sweep's own test is slow): the plotted numbers come back
+    byte for byte from runs/. The other two scripts run on fresh sweeps above."""
+    name = "batch_size"
+    results = REPO / "results" / name
+    make_figure("make_batch_size_figure.py", results / "runs", tmp_path)
+    assert (tmp_path / f"{name}.json").read_bytes() == (results / f"{name}.json").read_bytes()
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000

@@ -89,7 +89,18 @@ def test_missing_imagenet_is_one_line(tmp_path):
     assert last.startswith("error: ImageNet not usable at") and "IMAGENET_DIR" in last
 
 
-@pytest.mark.parametrize("experiment", IMAGENET_EXPERIMENTS)
+# With BN and without it in `make test`; the other three arms (the same DDP path with other
+# learning rates and a sigmoid) only in `make test-full`, for CI time.
+DDP_IN_CI = ("bn_baseline", "inception")
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        e if e in DDP_IN_CI else pytest.param(e, marks=pytest.mark.slow)
+        for e in IMAGENET_EXPERIMENTS
+    ],
+)
 def test_torchrun_two_processes_keep_replicas_identical(experiment, fake_imagenet, tmp_path):
     run_dir = tmp_path / "ddp"
     env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
