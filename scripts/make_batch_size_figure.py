@@ -10,8 +10,6 @@ seed's number, the means and intervals, the devices and the jobs' wall time).
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -20,9 +18,9 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
-from bnrepro.analysis import RunRecord, find_runs
+from bnrepro.analysis import RunRecord, figure_command, find_runs
 from bnrepro.plots import save
-from bnrepro.report import mean_interval
+from bnrepro.report import seed_summary
 
 COMMAND = "make reproduce-batch-size"
 LABELS = {
@@ -71,15 +69,8 @@ def collect(runs_dir: Path) -> dict:
     for norm in [n for n in LABELS if n in errors]:
         table[norm] = {}
         for batch in sorted(errors[norm]):
-            values = errors[norm][batch]
-            ci = mean_interval(values)
-            table[norm][str(batch)] = {
-                "seeds": seeds[norm][batch],
-                "values": values,
-                "mean": ci.value,
-                "low": ci.low,
-                "high": ci.high,
-            }
+            summary = seed_summary(errors[norm][batch])
+            table[norm][str(batch)] = {"seeds": seeds[norm][batch]} | summary
     return {
         "command": COMMAND,
         "metric": "final test error (%) = 100 - final test accuracy; a diverged run counts 100",
@@ -127,22 +118,9 @@ def plot(data: dict, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if not args.runs.is_dir():
-        print(f"error: {args.runs} is not a directory of runs", file=sys.stderr)
-        return 2
-    data = collect(args.runs)
-    if not data["norms"]:
-        print(f"error: no batch-size runs under {args.runs}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_size.json").write_text(json.dumps(data, indent=1) + "\n")
-    plot(data, args.out / "batch_size.png")
-    print(f"wrote {args.out / 'batch_size.png'} and batch_size.json")
-    return 0
+    return figure_command(
+        __doc__.splitlines()[0], "batch_size", collect, plot, "norms", "batch-size runs"
+    )
 
 
 if __name__ == "__main__":

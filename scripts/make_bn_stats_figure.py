@@ -13,8 +13,6 @@ the evaluations after step 0 ("through training") and each estimate's final accu
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -22,9 +20,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bnrepro.analysis import RunRecord, find_runs
+from bnrepro.analysis import RunRecord, figure_command, find_runs
 from bnrepro.plots import save
-from bnrepro.report import mean_interval
+from bnrepro.report import seed_summary
 
 COMMAND = "make reproduce-bn-stats"
 REFERENCE = "precise"
@@ -58,11 +56,6 @@ def gap_curves(run: RunRecord) -> tuple[list[int], dict[str, list[float]], dict[
     return steps, gaps, final
 
 
-def interval(values: list[float]) -> dict:
-    ci = mean_interval(values)
-    return {"values": values, "mean": ci.value, "low": ci.low, "high": ci.high}
-
-
 def collect(runs_dir: Path) -> dict:
     by_batch: dict[int, list[RunRecord]] = defaultdict(list)
     for run in find_runs(runs_dir):
@@ -75,9 +68,9 @@ def collect(runs_dir: Path) -> dict:
         for name in LABELS:
             per_seed = [gaps[name] for _, gaps, _ in curves]
             entry["estimates"][name] = {
-                "final_gap": interval([g[-1] for g in per_seed]),
-                "gap_through_training": interval([float(np.mean(g[1:])) for g in per_seed]),
-                "final_acc": interval([final[name] for _, _, final in curves]),
+                "final_gap": seed_summary([g[-1] for g in per_seed]),
+                "gap_through_training": seed_summary([float(np.mean(g[1:])) for g in per_seed]),
+                "final_acc": seed_summary([final[name] for _, _, final in curves]),
                 "gap_curves": per_seed,
             }
         batches[str(batch)] = entry
@@ -142,22 +135,9 @@ def plot(data: dict, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if not args.runs.is_dir():
-        print(f"error: {args.runs} is not a directory of runs", file=sys.stderr)
-        return 2
-    data = collect(args.runs)
-    if not data["batch_sizes"]:
-        print(f"error: no bn_stats runs under {args.runs}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bn_stats.json").write_text(json.dumps(data, indent=1) + "\n")
-    plot(data, args.out / "bn_stats.png")
-    print(f"wrote {args.out / 'bn_stats.png'} and bn_stats.json")
-    return 0
+    return figure_command(
+        __doc__.splitlines()[0], "bn_stats", collect, plot, "batch_sizes", "bn_stats runs"
+    )
 
 
 if __name__ == "__main__":

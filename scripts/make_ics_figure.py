@@ -14,8 +14,6 @@ whole run and the final test accuracy: the numbers the report compares.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,9 +21,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bnrepro.analysis import RunRecord, find_runs
+from bnrepro.analysis import RunRecord, figure_command, find_runs
 from bnrepro.plots import save
-from bnrepro.report import mean_interval
+from bnrepro.report import seed_summary
 
 COMMAND = "make reproduce-ics"
 ARMS = {"baseline": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
@@ -63,11 +61,6 @@ def accuracy_curve(run: RunRecord) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [a for _, a in points]
 
 
-def interval(values: list[float]) -> dict:
-    ci = mean_interval(values)
-    return {"values": values, "mean": ci.value, "low": ci.low, "high": ci.high}
-
-
 def collect(runs_dir: Path) -> dict:
     by_arm: dict[str, list[RunRecord]] = defaultdict(list)
     for run in find_runs(runs_dir):
@@ -79,11 +72,11 @@ def collect(runs_dir: Path) -> dict:
         entry: dict = {"seeds": [r.seed for r in runs], "curves": {}, "per_seed_mean": {}}
         steps, accs = zip(*(accuracy_curve(r) for r in runs), strict=True)
         entry["curves"]["test_acc"] = {"steps": steps[0], "per_seed": [list(a) for a in accs]}
-        entry["final_test_acc"] = interval([a[-1] for a in accs])
+        entry["final_test_acc"] = seed_summary([a[-1] for a in accs])
         for key, (_, measure) in MEASURES.items():
             steps, values = zip(*(measure_curve(r, measure) for r in runs), strict=True)
             entry["curves"][key] = {"steps": steps[0], "per_seed": [list(v) for v in values]}
-            entry["per_seed_mean"][key] = interval([float(np.mean(v)) for v in values])
+            entry["per_seed_mean"][key] = seed_summary([float(np.mean(v)) for v in values])
         arms[arm] = entry
     devices = sorted({r.summary["device"] for runs in by_arm.values() for r in runs})
     return {
@@ -126,22 +119,9 @@ def plot(data: dict, path: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    if not args.runs.is_dir():
-        print(f"error: {args.runs} is not a directory of runs", file=sys.stderr)
-        return 2
-    data = collect(args.runs)
-    if not data["arms"]:
-        print(f"error: no ICS runs ({', '.join(ARMS)}) under {args.runs}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ics.json").write_text(json.dumps(data, indent=1) + "\n")
-    plot(data, args.out / "ics.png")
-    print(f"wrote {args.out / 'ics.png'} and ics.json")
-    return 0
+    return figure_command(
+        __doc__.splitlines()[0], "ics", collect, plot, "arms", f"ICS runs ({', '.join(ARMS)})"
+    )
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
+from bnrepro.config import register_resolvers
 from bnrepro.data.mnist import RAW_FILES, raw_dir, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -72,6 +76,19 @@ def run_train(*overrides: str, env: dict[str, str] | None = None, timeout: int =
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose configs/train.yaml with overrides, as the entrypoint does (no job is run)."""
+    register_resolvers()
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="session")

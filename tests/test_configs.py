@@ -6,13 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bnrepro.config import register_resolvers
 from bnrepro.errors import ConfigError
 from bnrepro.schema import (
     Activation,
@@ -36,18 +33,6 @@ BASES = sorted(
 )
 # The groups that make the paper's variants (README): an experiment file sets these and its names.
 VARIANT_GROUPS = {"norm", "activation", "dropout", "lr_mult", "recipe"}
-
-
-@pytest.fixture
-def compose_cfg():
-    register_resolvers()
-
-    def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
-
-    yield _compose
-    GlobalHydra.instance().clear()
 
 
 def test_there_are_experiments():

@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from torch import nn
 
-from bnrepro.config import register_resolvers
 from bnrepro.errors import ConfigError
 from bnrepro.loop import member_losses
 from bnrepro.models.batch_renorm import BatchRenorm
@@ -38,18 +35,6 @@ SETTINGS = {
     "group_norm": {"groups": 32, "eps": 1e-5},
     "noise": {"mean": 1.0, "std": 0.5, "scale": [0.5, 2.0]},
 }
-
-
-@pytest.fixture
-def compose_cfg():
-    register_resolvers()
-
-    def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
-
-    yield _compose
-    GlobalHydra.instance().clear()
 
 
 def test_every_norm_has_a_config():

@@ -5,7 +5,10 @@ and the table "steps to reach X % / max accuracy". The trainer never imports thi
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,3 +201,32 @@ def runs_from_wandb(project: str, metric: str) -> list[RunRecord]:
         metrics = [row for row in run.scan_history(keys=["step", metric]) if metric in row]
         records.append(RunRecord(path=Path(run.url), summary=summary, metrics=metrics))
     return sorted(records, key=lambda r: (r.arm, r.seed))
+
+
+def figure_command(
+    description: str,
+    name: str,
+    collect: Callable[[Path], dict[str, Any]],
+    plot: Callable[[dict[str, Any], Path], None],
+    found: str,
+    what: str,
+) -> int:
+    """The command line of a figure script: `--runs DIR --out DIR`; `collect(runs)` gives the
+    plotted numbers, written to <out>/<name>.json, and `plot` draws <out>/<name>.png. No runs
+    (nothing under `data[found]`) is one line naming `what` and exit status 2."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not args.runs.is_dir():
+        print(f"error: {args.runs} is not a directory of runs", file=sys.stderr)
+        return 2
+    data = collect(args.runs)
+    if not data[found]:
+        print(f"error: no {what} under {args.runs}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(data, args.out / f"{name}.png")
+    print(f"wrote {args.out / f'{name}.png'} and {name}.json")
+    return 0

@@ -121,13 +121,9 @@ def measured_step(
         after = [p.detach().clone() for p in params]
 
         # ICS: layer k's weight gradient once the layers before k have stepped.
-        names, offset = list(layers), 0
-        starts = {}
-        for name in names:
-            starts[name] = offset
-            offset += len(layers[name])
+        names = list(layers)
+        first = len(layers[names[0]])  # parameters before this index belong to earlier layers
         for name in names[1:]:
-            first = starts[name]  # parameters before this index belong to earlier layers
             _assign(params, [*after[:first], *before[first:]])
             weight = layers[name][0]
             _, (shifted,) = loss_and_grads([weight])
@@ -135,6 +131,7 @@ def measured_step(
             shifted = shifted.reshape(members, -1)
             records[f"ics/{name}/l2"] = _norm(original - shifted)
             records[f"ics/{name}/cos"] = _cosine(original, shifted)
+            first += len(layers[name])
 
         _assign(params, after)
         with torch.no_grad():

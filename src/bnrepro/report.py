@@ -82,6 +82,13 @@ def mean_interval(values: Sequence[float]) -> Interval:
     return Interval(mean, mean - half, mean + half, n)
 
 
+def seed_summary(values: Sequence[float]) -> dict[str, Any]:
+    """Every seed's value with their mean and 95 % interval, as the figure scripts' JSON holds
+    them (and the report reads back: "values")."""
+    ci = mean_interval(values)
+    return {"values": list(values), "mean": ci.value, "low": ci.low, "high": ci.high}
+
+
 def difference_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
     """mean(a) - mean(b) with Welch's 95 % interval (unequal variances)."""
     ma, mb = sum(a) / len(a), sum(b) / len(b)
