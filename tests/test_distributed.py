@@ -37,7 +37,7 @@ def rank_records(out: Path, mode: str) -> list[dict]:
 def test_evaluation_statistics_come_from_every_rank_and_agree(tmp_path):
     ranks = rank_records(tmp_path, "reduce")
     assert ranks[0]["weight"] == ranks[1]["weight"]  # DDP kept the replicas identical
-    # DDP must not overwrite the others' buffers with rank 0's (broadcast_buffers=False):
+    # DDP must not overwrite the others' buffers with rank 0's (rank-local buffers):
     # while training, each rank's running mean follows its own, shifted data.
     before = [np.array(r["before"]["mean"]) for r in ranks]
     assert np.abs(before[0] - before[1]).min() > 0.1  # DDP's default would make them equal

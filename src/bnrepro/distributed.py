@@ -7,6 +7,7 @@ exercises the multi-GPU code. A plain `python -m bnrepro.train` runs without any
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -91,8 +92,16 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, True)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, finished: bool = True) -> None:
+    """Leave the process group. After a finished run, wait for every rank first: a rank that
+    tears its gloo connections down while a peer is still using them can abort that peer
+    (seen once in CI: SIGABRT, "terminate called without an active exception"). After a
+    failure, leave at once: the other ranks may never reach the barrier, and torchrun stops
+    them when this one exits.
+    """
     if env.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -134,7 +143,7 @@ def replicas_in_sync(env: DistEnv, model: nn.Module) -> bool:
 def sync_bn_buffers(env: DistEnv, model: nn.Module, mode: str = "reduce") -> None:
     """Make every rank's BN running statistics the same before evaluating (timm's --dist-bn).
 
-    DDP is built with broadcast_buffers=False, so during training each replica's running
+    DDP keeps buffers rank-local (`wrap_model`), so during training each replica's running
     statistics follow its own mini-batches, as the paper's per-replica BN computes them.
     `reduce` averages them over ranks: the mean of the replicas' estimates, each an average of
     per-batch means and unbiased variances of m images, is Algorithm 2's E_B[mu_B] and
@@ -153,12 +162,23 @@ def sync_bn_buffers(env: DistEnv, model: nn.Module, mode: str = "reduce") -> Non
                     buffer.div_(env.world_size)
 
 
+# Rank-local BN buffers under DDP. torch 2.14 renames broadcast_buffers to
+# forward_sync_buffers (the old name warns); the GPU machine's torch 2.11 has only the old
+# one. The new name still syncs buffers once at wrap time, harmless here: every rank builds
+# the network from the same seed, so the buffers are equal then anyway.
+_RANK_LOCAL_BUFFERS = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
 def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool) -> nn.Module:
     """DDP around `model` when launched by torchrun (one process too); SyncBatchNorm first if
     asked (then BN normalises over the global batch instead of each replica's 32 images).
 
     The SyncBatchNorm conversion replaces the layers inside `model`, so callers must keep
-    the returned module's `.module` as the network. broadcast_buffers=False: every rank keeps
+    the returned module's `.module` as the network. Buffers stay rank-local: every rank keeps
     its own running statistics until `sync_bn_buffers` combines them before an evaluation
     (with DDP's default, rank 0's buffers overwrite the others' at every forward).
     """
@@ -177,6 +197,4 @@ def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool) -> nn.Module:
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, broadcast_buffers=False
-    )
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **_RANK_LOCAL_BUFFERS)

@@ -41,16 +41,18 @@ def main(cfg: DictConfig) -> None:
     from bnrepro.run import train
 
     env = None
+    finished = False
     try:
         run_cfg = parse_config(cfg)  # typed and checked: what the run reads from here on
         env = init_distributed(run_cfg.trainer.device)
         train(run_cfg, env)
+        finished = True
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     finally:
         if env is not None:
-            shutdown(env)
+            shutdown(env, finished)
 
 
 def run() -> None:
