@@ -289,6 +289,24 @@ def figure1_rows(results: Path, folder: str, dataset: str, command: str) -> list
     return rows
 
 
+Claim = tuple[str, str, str]  # the claim, where it is made, what was published
+
+
+def untested(claims: list[Claim], command: str) -> list[Row]:
+    """A row per claim for an experiment whose results are not there yet."""
+    return [Row(c, s, p, "-", NOT_TESTED, "", command) for c, s, p in claims]
+
+
+def found(
+    claims: list[Claim], findings: list[tuple[str, str]], figure: str, command: str
+) -> list[Row]:
+    """A row per claim, each with our finding: its text and its verdict."""
+    return [
+        Row(c, s, p, text, verdict, figure, command)
+        for (c, s, p), (text, verdict) in zip(claims, findings, strict=True)
+    ]
+
+
 def fig2_rows(results: Path) -> list[Row]:
     figure3 = load_json(results / "fig2_small" / "figure3.json")
     command = "make reproduce-fig2-small"
@@ -304,7 +322,7 @@ def fig2_rows(results: Path) -> list[Row]:
         ("Without BN, sigmoids do not train", "4.2.2", "never above chance (0.1 %)"),
     ]
     if figure3 is None:
-        return [Row(c, s, p, "-", NOT_TESTED, "", command) for c, s, p in claims]
+        return untested(claims, command)
     seeds: dict[str, list[dict]] = figure3["per_seed"]
     rows_by_arm = {row["arm"]: row for row in figure3["rows"]}
     target = figure3["target"]
@@ -479,7 +497,7 @@ def ics_rows(results: Path) -> list[Row]:
     data = load_json(results / "ics" / "ics.json")
     arms = data["arms"] if data else {}
     if not {"baseline", "bn", "noisy_bn"} <= set(arms):
-        return [Row(c, s, p, "-", NOT_TESTED, "", command) for c, s, p in claims]
+        return untested(claims, command)
     base, bn, noisy = arms["baseline"], arms["bn"], arms["noisy_bn"]
     acc_same = welch(noisy["final_test_acc"], bn["final_test_acc"])
     acc_above = welch(noisy["final_test_acc"], base["final_test_acc"])
@@ -508,10 +526,7 @@ def ics_rows(results: Path) -> list[Row]:
     )
     smooth_verdict = combine([verdict_difference(v) for v in parts.values()])
     ours = [(trains, trains_verdict), (ics, ics_verdict), (smooth, smooth_verdict)]
-    return [
-        Row(c, s, p, text, verdict, figure, command)
-        for (c, s, p), (text, verdict) in zip(claims, ours, strict=True)
-    ]
+    return found(claims, ours, figure, command)
 
 
 def bn_stats_rows(results: Path) -> list[Row]:
@@ -536,7 +551,7 @@ def bn_stats_rows(results: Path) -> list[Row]:
     data = load_json(results / "bn_stats" / "bn_stats.json")
     batches = data["batch_sizes"] if data else {}
     if "60" not in batches:
-        return [Row(c, s, p, "-", NOT_TESTED, "", command) for c, s, p in claims]
+        return untested(claims, command)
     through = batches["60"]["estimates"]["ema_0.1"]["gap_through_training"]["values"]
     d1 = mean_interval([-g for g in through])
     text1 = (
@@ -547,10 +562,8 @@ def bn_stats_rows(results: Path) -> list[Row]:
     final = batches[smallest]["estimates"]["ema_0.1"]["final_gap"]["values"]
     d2 = mean_interval([-g for g in final])
     text2 = f"{d2.text(' points')} final test accuracy, precise BN - EMA (0.1), batch {smallest}"
-    return [
-        Row(*claims[0], text1, verdict_difference(d1), figure, command),
-        Row(*claims[1], text2, verdict_difference(d2), figure, command),
-    ]
+    ours = [(text1, verdict_difference(d1)), (text2, verdict_difference(d2))]
+    return found(claims, ours, figure, command)
 
 
 def batch_size_rows(results: Path) -> list[Row]:
@@ -577,7 +590,7 @@ def batch_size_rows(results: Path) -> list[Row]:
     norms = data["norms"] if data else {}
     needed = {"bn", "batch_renorm", "group_norm", "layer_norm"}
     if not needed <= set(norms) or not {"2", "32"} <= set(norms["bn"]):
-        return [Row(c, s, p, "-", NOT_TESTED, "", command) for c, s, p in claims]
+        return untested(claims, command)
     bn, gn, brn, ln = norms["bn"], norms["group_norm"], norms["batch_renorm"], norms["layer_norm"]
     vs_gn, rises = welch(bn["2"], gn["2"]), welch(bn["2"], bn["32"])
     text1 = (
@@ -588,16 +601,12 @@ def batch_size_rows(results: Path) -> list[Row]:
     text2 = f"test error, BN - Batch Renorm, batch 2: {renorm.text(' points')}"
     gn_32, ln_32 = welch(gn["32"], bn["32"]), welch(ln["32"], bn["32"])
     text3 = f"test error at batch 32, points; GN - BN: {gn_32.text()}; LN - BN: {ln_32.text()}"
-    verdicts = [
-        combine([verdict_difference(vs_gn), verdict_difference(rises)]),
-        verdict_difference(renorm),
-        combine([verdict_difference(gn_32), verdict_difference(ln_32)]),
+    ours = [
+        (text1, combine([verdict_difference(vs_gn), verdict_difference(rises)])),
+        (text2, verdict_difference(renorm)),
+        (text3, combine([verdict_difference(gn_32), verdict_difference(ln_32)])),
     ]
-    texts = [text1, text2, text3]
-    return [
-        Row(c, s, p, t, v, figure, command)
-        for (c, s, p), t, v in zip(claims, texts, verdicts, strict=True)
-    ]
+    return found(claims, ours, figure, command)
 
 
 def follow_up_rows(results: Path) -> list[Row]:
