@@ -76,7 +76,7 @@ import torchvision
 from bench_imagenet import make_model, measure_training  # scripts/ is sys.path[0]
 from torch.utils.flop_counter import FlopCounterMode
 
-from bnrepro.analysis import find_runs, read_metrics
+from bnrepro.analysis.runs import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.data.mnist import RAW_FILES, raw_dir
 

@@ -37,7 +37,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
-from bnrepro.analysis import RunRecord, find_runs, read_metrics
+from bnrepro.analysis.runs import RunRecord, find_runs, read_metrics
 from bnrepro.data.mnist import load_mnist
 from bnrepro.models.mlp import MLP
 

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bnrepro.analysis import find_runs
+from bnrepro.analysis.runs import find_runs
 
 KEEP = {
     "metrics.jsonl": "metrics.jsonl",

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
-from bnrepro.analysis import RunRecord, figure_command, find_runs
-from bnrepro.plots import save
-from bnrepro.report import seed_summary
+from bnrepro.analysis.plots import save
+from bnrepro.analysis.report import seed_summary
+from bnrepro.analysis.runs import RunRecord, figure_command, find_runs
 
 COMMAND = "make reproduce-batch-size"
 LABELS = {

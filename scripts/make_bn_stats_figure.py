@@ -4,7 +4,7 @@
 
 Reads the runs of `make reproduce-bn-stats` (experiment=bn_stats/bn at several batch sizes,
 several seeds each; every evaluation tests the same weights with each estimate,
-bnrepro/bn_estimators.py) and writes bn_stats.png: (a) the final test-accuracy gap of each
+bnrepro/measures/bn_estimators.py) and writes bn_stats.png: (a) the final test-accuracy gap of each
 estimate to precise BN (the population estimate) against the batch size, mean over seeds with
 its 95 % interval; (b, c) the gap through training at the smallest batch size and at the
 paper's 60. bn_stats.json holds every seed's numbers: the final gap, the gap averaged over
@@ -20,9 +20,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bnrepro.analysis import RunRecord, figure_command, find_runs
-from bnrepro.plots import save
-from bnrepro.report import seed_summary
+from bnrepro.analysis.plots import save
+from bnrepro.analysis.report import seed_summary
+from bnrepro.analysis.runs import RunRecord, figure_command, find_runs
 
 COMMAND = "make reproduce-bn-stats"
 REFERENCE = "precise"

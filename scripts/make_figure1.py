@@ -19,8 +19,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bnrepro.analysis import RunRecord, find_runs
-from bnrepro.plots import plot_accuracy_band, plot_percentiles, save
+from bnrepro.analysis.plots import plot_accuracy_band, plot_percentiles, save
+from bnrepro.analysis.runs import RunRecord, find_runs
 
 ARMS = {"baseline": "Without BN", "bn": "With BN"}
 COLORS = {"baseline": "tab:blue", "bn": "tab:red"}

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from bnrepro.analysis import (
+from bnrepro.analysis.plots import save
+from bnrepro.analysis.runs import (
     RunRecord,
     arm_results,
     find_runs,
@@ -30,7 +31,6 @@ from bnrepro.analysis import (
     runs_from_wandb,
     table_rows,
 )
-from bnrepro.plots import save
 
 # Figure 3 of the paper: steps to 72.2 % and maximum single-crop top-1 (Section 4.2.2).
 PAPER = {

@@ -21,9 +21,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bnrepro.analysis import RunRecord, figure_command, find_runs
-from bnrepro.plots import save
-from bnrepro.report import seed_summary
+from bnrepro.analysis.plots import save
+from bnrepro.analysis.report import seed_summary
+from bnrepro.analysis.runs import RunRecord, figure_command, find_runs
 
 COMMAND = "make reproduce-ics"
 ARMS = {"baseline": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}

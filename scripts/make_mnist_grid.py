@@ -15,8 +15,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from bnrepro.analysis import arm_results, find_runs, markdown_table, results_json, table_rows
-from bnrepro.plots import save
+from bnrepro.analysis.plots import save
+from bnrepro.analysis.runs import arm_results, find_runs, markdown_table, results_json, table_rows
 
 COMMAND = "make reproduce-mnist-grid"
 METRIC = "test/acc"

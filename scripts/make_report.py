@@ -3,7 +3,7 @@
     python scripts/make_report.py --results results --out results/REPORT.md
 
 One row per claim of the paper: the section, the paper's number, ours with a 95 % interval
-over seeds, and a verdict by the rule the report states (bnrepro.report).
+over seeds, and a verdict by the rule the report states (bnrepro.analysis.report).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bnrepro.report import build_report
+from bnrepro.analysis.report import build_report
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from bnrepro.config import register_resolvers
+from bnrepro.config.resolvers import register_resolvers
 from bnrepro.data.mnist import RAW_FILES, raw_dir, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,12 +1,12 @@
-"""The estimates of BN's inference statistics (bnrepro/bn_estimators.py) against NumPy."""
+"""The estimates of BN's inference statistics (bnrepro/measures/bn_estimators.py) against NumPy."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from bnrepro.bn_estimators import StatsEstimators, estimator_names
 from bnrepro.data.batches import shuffled_batches, stacked_batches
+from bnrepro.measures.bn_estimators import StatsEstimators, estimator_names
 from bnrepro.models.mlp import MLP
 from bnrepro.models.stacked_mlp import StackedMLP
 

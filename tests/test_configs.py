@@ -10,8 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bnrepro.errors import ConfigError
-from bnrepro.schema import (
+from bnrepro.config.schema import (
     Activation,
     BNSettings,
     ImageNetData,
@@ -20,6 +19,7 @@ from bnrepro.schema import (
     choices,
     parse_config,
 )
+from bnrepro.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(

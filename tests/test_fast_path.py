@@ -10,12 +10,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bnrepro.analysis import find_runs
+from bnrepro.analysis.runs import find_runs
 from bnrepro.data.batches import shuffled_batches, stacked_batches
-from bnrepro.loop import member_losses
+from bnrepro.measures.probes import nonlinearity_input_percentiles
 from bnrepro.models.mlp import MLP
 from bnrepro.models.stacked_mlp import StackedMLP
-from bnrepro.probes import nonlinearity_input_percentiles
+from bnrepro.training.loop import member_losses
 
 from .conftest import run_train
 

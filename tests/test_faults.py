@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnrepro.checkpoint import load, save_atomic
 from bnrepro.data.mnist import RAW_FILES, raw_dir
-from bnrepro.preemption import EXIT_PREEMPTED
+from bnrepro.infra.checkpoint import load, save_atomic
+from bnrepro.infra.preemption import EXIT_PREEMPTED
 
 from .conftest import REPO, run_train
 

@@ -14,14 +14,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from bnrepro.config import register_resolvers
-from bnrepro.distributed import DistEnv
-from bnrepro.loop import train_step
+from bnrepro.config.resolvers import register_resolvers
+from bnrepro.config.schema import InceptionModule, choices, parse_config
+from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import network_bn
 from bnrepro.models.inception import INCEPTION_TABLE, BNInception
-from bnrepro.optim import build_optimizer
-from bnrepro.schema import InceptionModule, choices, parse_config
 from bnrepro.tasks import build_task
+from bnrepro.training.loop import train_step
+from bnrepro.training.optim import build_optimizer
 
 from .conftest import REPO, run_train
 

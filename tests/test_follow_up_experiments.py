@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bnrepro.analysis import find_runs
+from bnrepro.analysis.runs import find_runs
 
 from .conftest import REPO, run_train
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnrepro.analysis import find_runs, read_metrics
+from bnrepro.analysis.runs import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.models.batchnorm import recompute_population_stats
 from bnrepro.models.mlp import MLP

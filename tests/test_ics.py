@@ -1,4 +1,5 @@
-"""ICS and the loss landscape (bnrepro/ics.py) against finite differences and closed forms."""
+"""ICS and the loss landscape (bnrepro/measures/ics.py) against finite differences and closed
+forms."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from bnrepro.ics import layer_parameters, measured_step
-from bnrepro.loop import member_losses, train_step
+from bnrepro.measures.ics import layer_parameters, measured_step
 from bnrepro.models.mlp import MLP
 from bnrepro.models.stacked_mlp import StackedMLP
+from bnrepro.training.loop import member_losses, train_step
 
 BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 5}
 NOISE = {"mean": 1.0, "std": 0.5, "scale": [0.5, 2.0]}

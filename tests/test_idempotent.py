@@ -45,7 +45,7 @@ def wait_for(path_glob: tuple[Path, str], text: str, proc: subprocess.Popen, tim
 def test_same_settings_same_directory_and_speed_settings_do_not_count(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from bnrepro.config import register_resolvers
+    from bnrepro.config.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bnrepro.analysis import find_runs, read_metrics
+from bnrepro.analysis.runs import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 
 from .conftest import REPO, run_train

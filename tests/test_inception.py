@@ -168,7 +168,7 @@ def test_nonlinearity_pre_hooks_fire() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        # The other settings are checked once, by bnrepro.schema (tests/test_configs.py).
+        # The other settings are checked once, by bnrepro.config.schema (tests/test_configs.py).
         {"bn": BN | {"stats": "median"}},
         {"bn": {"stats": "ema"}},  # no defaults in code: model.bn must be complete
         {"bn": None},  # norm="bn" needs its settings

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from bnrepro.analysis import find_runs
+from bnrepro.analysis.runs import find_runs
 
 from .conftest import REPO, run_train
 

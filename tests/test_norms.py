@@ -9,14 +9,14 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from bnrepro.config.schema import NoiseSettings, Norm, choices, parse_config
 from bnrepro.errors import ConfigError
-from bnrepro.loop import member_losses
 from bnrepro.models.batch_renorm import BatchRenorm
 from bnrepro.models.mlp import MLP
 from bnrepro.models.norms import ActivationNoise, Normalization, StackedGroupNorm, held_noise
 from bnrepro.models.stacked_mlp import StackedMLP
-from bnrepro.optim import build_optimizer
-from bnrepro.schema import NoiseSettings, Norm, choices, parse_config
+from bnrepro.training.loop import member_losses
+from bnrepro.training.optim import build_optimizer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 NEW_NORMS = ["batch_renorm", "group_norm", "layer_norm", "noisy_bn"]
@@ -142,7 +142,7 @@ def test_noisy_bn_moves_each_units_distribution_every_step():
 
 
 def test_new_norms_params_take_the_norm_weight_decay():
-    from bnrepro.schema import OptimConfig
+    from bnrepro.config.schema import OptimConfig
 
     cfg = OptimConfig(
         base_lr=0.1,

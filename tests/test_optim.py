@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bnrepro.config.schema import OptimConfig, parse
 from bnrepro.models.mlp import MLP
-from bnrepro.optim import build_optimizer, build_scheduler
-from bnrepro.schema import OptimConfig, parse
+from bnrepro.training.optim import build_optimizer, build_scheduler
 
 SETTINGS = {
     "base_lr": 0.1,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from bnrepro.measures.probes import nonlinearity_input_percentiles
 from bnrepro.models.mlp import MLP
-from bnrepro.probes import nonlinearity_input_percentiles
 
 PERCENTILES = [15, 50, 85]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from bnrepro.report import (
+from bnrepro.analysis.report import (
     NOT_REPRODUCED,
     NOT_TESTED,
     PARTLY,

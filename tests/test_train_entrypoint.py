@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bnrepro.analysis import read_metrics
+from bnrepro.analysis.runs import read_metrics
 
 from .conftest import REPO, run_train
 

@@ -6,7 +6,7 @@ metrics.jsonl, summary.json and (logger=wandb) one W&B run into its own run dire
 
 This module imports no torch: with `-m`, the launching process only checks the command line
 and hands configs to the launcher, and sparing it torch's import starts a sweep ~2 s sooner.
-The job itself (`bnrepro.run.train`) is imported in the process that runs it.
+The job itself (`bnrepro.training.run.train`) is imported in the process that runs it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from bnrepro.config import register_resolvers
+from bnrepro.config.resolvers import register_resolvers
+from bnrepro.config.schema import parse_config
 from bnrepro.errors import UserError
-from bnrepro.preflight import preflight
-from bnrepro.schema import parse_config
+from bnrepro.infra.preflight import preflight
 from bnrepro.speedups.mkl_vendor import skip_vendor_check
 
 register_resolvers()
@@ -37,8 +37,8 @@ def main(cfg: DictConfig) -> None:
         log.info(skip_vendor_check())
     else:
         log.info("MKL kernels: its own choice (trainer.mkl_skip_vendor_check=false)")
-    from bnrepro.distributed import init_distributed, shutdown
-    from bnrepro.run import train
+    from bnrepro.infra.distributed import init_distributed, shutdown
+    from bnrepro.training.run import train
 
     env = None
     finished = False

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bnrepro.distributed import init_distributed, shutdown, sync_bn_buffers, wrap_model
+from bnrepro.infra.distributed import init_distributed, shutdown, sync_bn_buffers, wrap_model
 from bnrepro.models.batchnorm import BNStats
 
 

@@ -101,7 +101,7 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
-    """`data.decode` (auto, workers or device; checked by bnrepro.schema) as "workers" or
+    """`data.decode` (auto, workers or device; checked by bnrepro.config.schema) as "workers" or
     "device": auto decodes on the device when it is a GPU."""
     if decode == "auto":
         return "device" if device.type == "cuda" else "workers"

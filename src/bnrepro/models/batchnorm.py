@@ -27,13 +27,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnrepro.schema import BNSettings, parse
+from bnrepro.config.schema import BNSettings, parse
 
 
 class BNStats(BNSettings):
     """How a network's BN layers get their inference statistics (Section 3.1 / Algorithm 2).
 
-    The config's `model.bn` (its fields, types and checks are bnrepro.schema.BNSettings; its
+    The config's `model.bn` (its fields, types and checks are bnrepro.config.schema.BNSettings; its
     values live in configs/model only), with what the models, tasks and loop ask of it.
     """
 

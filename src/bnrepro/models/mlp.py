@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from bnrepro.config.schema import Activation, choices
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.norms import Normalization
-from bnrepro.schema import Activation, choices
 
 ACTIVATIONS = dict(zip(choices(Activation), (nn.Sigmoid, nn.ReLU), strict=True))
 

@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnrepro.models.batch_renorm import BatchRenorm, StackedBatchRenorm
-from bnrepro.models.batchnorm import BNStats, network_bn
-from bnrepro.schema import (
+from bnrepro.config.schema import (
     NORM_SECTIONS,
     GroupNormSettings,
     NoiseSettings,
     RenormSettings,
     parse,
 )
+from bnrepro.models.batch_renorm import BatchRenorm, StackedBatchRenorm
+from bnrepro.models.batchnorm import BNStats, network_bn
 
 
 class ActivationNoise(nn.Module):
@@ -49,7 +49,7 @@ class ActivationNoise(nn.Module):
     output then has a non-zero mean and a non-unit variance that differ from step to step,
     which is what Santurkar et al. use to destroy BN's distributional stability. Identity in
     evaluation mode. `hold` reuses the last draw (the ICS measurement evaluates one step's
-    loss several times, bnrepro/ics.py).
+    loss several times, bnrepro/measures/ics.py).
     """
 
     def __init__(self, settings: NoiseSettings, stacked: bool = False) -> None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bnrepro.distributed import DistEnv
+from bnrepro.config.schema import RunConfig
+from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.schema import RunConfig
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnrepro.config.schema import RunConfig
 from bnrepro.data.imagenet import (
     TrainAugmentation,
     build_imagenet,
@@ -15,9 +16,8 @@ from bnrepro.data.imagenet import (
     resolve_decode,
     topk_correct,
 )
-from bnrepro.distributed import DistEnv, sum_across_ranks
+from bnrepro.infra.distributed import DistEnv, sum_across_ranks
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.schema import RunConfig
 from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
 
 

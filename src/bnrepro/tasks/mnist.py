@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnrepro.config.schema import InceptionConfig, RunConfig
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import load_mnist
-from bnrepro.distributed import DistEnv
+from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.schema import InceptionConfig, RunConfig
 from bnrepro.tasks import POPULATION_SEED_OFFSET, PRECISE_SEED_OFFSET, Task
 
 

@@ -1,11 +1,11 @@
 """A run, from its composed config to its summaries: `train(cfg, env)` is what every job does.
 
-Hydra names the run directory (`run_name` in bnrepro.config: the arm, the seeds and a hash of
-the settings that define the result), so the same command finds the same directory again:
+Hydra names the run directory (`run_name` in bnrepro.config.resolvers: the arm, the seeds and a
+hash of the settings that define the result), so the same command finds the same directory again:
 `train` returns at once when the run there has finished, resumes it from its checkpoint when
 it has not, and starts it otherwise. It builds the task, the network(s) (plain, seeds stacked
 in one StackedMLP, DDP, compiled), the optimizer and the trackers, trains with
-`bnrepro.loop.fit`, and writes each network's summary.json and figure.
+`bnrepro.training.loop.fit`, and writes each network's summary.json and figure.
 """
 
 from __future__ import annotations
@@ -26,19 +26,25 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from bnrepro.bn_estimators import StatsEstimators
-from bnrepro.checkpoint import Checkpointer, find_resume
-from bnrepro.config import result_hash
-from bnrepro.distributed import DistEnv, broadcast_object, device_name, replicas_in_sync, wrap_model
+from bnrepro.analysis.plots import plot_run
+from bnrepro.config.resolvers import result_hash
+from bnrepro.config.schema import RunConfig
 from bnrepro.errors import ConfigError
-from bnrepro.loop import LoopResult, LoopSettings, Preempted, fit
+from bnrepro.infra.checkpoint import Checkpointer, find_resume
+from bnrepro.infra.distributed import (
+    DistEnv,
+    broadcast_object,
+    device_name,
+    replicas_in_sync,
+    wrap_model,
+)
+from bnrepro.infra.preemption import PreemptionSignals
+from bnrepro.infra.tracking import Tracker, open_trackers
+from bnrepro.measures.bn_estimators import StatsEstimators
 from bnrepro.models.batchnorm import BNStats, network_bn
-from bnrepro.optim import build_optimizer, build_scheduler
-from bnrepro.plots import plot_run
-from bnrepro.preemption import PreemptionSignals
-from bnrepro.schema import RunConfig
 from bnrepro.tasks import build_task
-from bnrepro.tracking import Tracker, open_trackers
+from bnrepro.training.loop import LoopResult, LoopSettings, Preempted, fit
+from bnrepro.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("bnrepro.train")
 FINISHED = ("completed", "diverged")  # a run with this status is not trained again
@@ -196,7 +202,7 @@ def build_model(cfg: RunConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.nn
     """The network (same initial weights on every rank; with `seeds`, one StackedMLP member
     per seed, each initialised as its plain run would be) and what trains it (DDP, compiled).
 
-    Hydra instantiates `model._target_` with the checked settings (bnrepro.schema)."""
+    Hydra instantiates `model._target_` with the checked settings (bnrepro.config.schema)."""
     model = cfg.source.model
     if cfg.seeds:
         stacked = "bnrepro.models.stacked_mlp.StackedMLP"

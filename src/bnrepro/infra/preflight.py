@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from bnrepro.config.schema import parse_config
 from bnrepro.errors import ConfigError
-from bnrepro.schema import parse_config
 
 # Flags after which Hydra does something else than training; leave those to Hydra.
 HYDRA_ONLY = (

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from bnrepro.config import settings_except
+from bnrepro.config.resolvers import settings_except
 from bnrepro.errors import UserError
 
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ the same batches in the same order as the eager loop.
 What is captured is fixed: forward, loss, backward and the optimizer step, with the learning
 rate as a number inside the graph. So it needs a constant learning rate, a single process
 (no DDP collectives) and BN layers that do not read their momentum from the host (EMA and
-population modes; `cumulative` reads `num_batches_tracked`). `bnrepro.run` checks these.
+population modes; `cumulative` reads `num_batches_tracked`). `bnrepro.training.run` checks these.
 """
 
 from __future__ import annotations

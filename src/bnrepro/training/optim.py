@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torchvision.ops._utils import split_normalization_params
 
+from bnrepro.config.schema import OptimConfig
 from bnrepro.models.norms import NORM_CLASSES
-from bnrepro.schema import OptimConfig
 
 # torchvision's normalisation classes (its default) and ours (models/norms.py).
 _NORMS = [

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bnrepro.bn_estimators import StatsEstimators
-from bnrepro.distributed import DistEnv, sync_bn_buffers
-from bnrepro.graph_step import GraphStep
-from bnrepro.ics import measured_step
+from bnrepro.config.schema import ICSConfig
+from bnrepro.infra.cuda_graph import GraphStep
+from bnrepro.infra.distributed import DistEnv, sync_bn_buffers
+from bnrepro.infra.tracking import Tracker
+from bnrepro.measures.bn_estimators import StatsEstimators
+from bnrepro.measures.ics import measured_step
+from bnrepro.measures.probes import nonlinearity_input_percentiles
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.optim import StepwiseExponentialLR
-from bnrepro.probes import nonlinearity_input_percentiles
-from bnrepro.schema import ICSConfig
 from bnrepro.tasks import Task
-from bnrepro.tracking import Tracker
+from bnrepro.training.optim import StepwiseExponentialLR
 
 
 @dataclass

@@ -259,7 +259,8 @@ class ProbeConfig:
 @dataclass(frozen=True, kw_only=True)
 class ICSConfig:
     """trainer.ics: internal covariate shift and the loss landscape along the gradient
-    (Santurkar et al. 2018), measured at every `every`-th training step (bnrepro/ics.py)."""
+    (Santurkar et al. 2018), measured at every `every`-th training step
+    (bnrepro/measures/ics.py)."""
 
     every: int = _positive()
     # Step sizes along the gradient, as multiples of the learning rate.
@@ -271,7 +272,7 @@ class ICSConfig:
 @dataclass(frozen=True, kw_only=True)
 class BNStatsProbeConfig:
     """trainer.bn_stats_probe: at every evaluation, the test accuracy of the same weights with
-    each estimate of BN's inference statistics (bnrepro/bn_estimators.py)."""
+    each estimate of BN's inference statistics (bnrepro/measures/bn_estimators.py)."""
 
     ema_momenta: list[float] = rule(
         lambda v: all(0 < m <= 1 for m in v), "a list of numbers in (0, 1]"
@@ -319,7 +320,7 @@ class RecipeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """One job's settings, typed: what `bnrepro.run.train` and everything below it read."""
+    """One job's settings, typed: what `bnrepro.training.run.train` and everything below it read."""
 
     experiment_name: str
     arm: str

@@ -1,7 +1,7 @@
 """Config helpers: Hydra resolvers (repo_root, run_name, mul, div, floor_div) and the run's
 result hash.
 
-What each key may hold is checked by bnrepro.schema."""
+What each key may hold is checked by bnrepro.config.schema."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def repo_root() -> str:
     """BNREPRO_ROOT, else the checkout this package is installed from, else the cwd."""
     if env := os.environ.get("BNREPRO_ROOT"):
         return env
-    checkout = Path(__file__).resolve().parents[2]
+    checkout = Path(__file__).resolve().parents[3]
     return str(checkout if (checkout / "pyproject.toml").is_file() else Path.cwd())
 
 
@@ -82,7 +82,8 @@ def result_hash(cfg: DictConfig) -> str:
 
 def run_name(*, _root_: DictConfig) -> str:
     """A run directory's name: readable, and the same whenever the result would be the same,
-    e.g. bn-seeds1-2-3-4-5-1a2b3c4d. Re-running a command finds its runs again (bnrepro.run)."""
+    e.g. bn-seeds1-2-3-4-5-1a2b3c4d. Re-running a command finds its runs again
+    (bnrepro.training.run)."""
     return f"{_root_.arm}-{seed_tag(_root_.seed, _root_.seeds)}-{result_hash(_root_)}"
 
 
