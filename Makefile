@@ -50,13 +50,13 @@ BATCH_RESULTS := results/batch_size
 # The Figure 3 grid in miniature: every combination of the variant groups on the MNIST MLP.
 GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,inception
 
-.PHONY: help install lint format test test-full test-gpu reproduce-mnist reproduce-mnist-grid \
-	reproduce-fashion reproduce-fig2-small reproduce-ics reproduce-bn-stats reproduce-batch-size \
+.PHONY: help install lint format test test-full test-gpu $(addprefix reproduce-,$(EXPERIMENTS)) \
 	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+	@$(foreach e,$(EXPERIMENTS),printf "  \033[36m%-22s\033[0m %s\n" reproduce-$(e) "$($(e)_HELP)";)
 
 # With PY pointing elsewhere, that Python's packages are used as they are: nothing installed.
 ifeq ($(PY),$(VENV)/bin/python)
@@ -87,67 +87,84 @@ test-full: lint ## The whole test suite, slow tests included
 test-gpu: ## The GPU tests (marker gpu): every experiment on cuda, CPU parity, resume, NCCL
 	$(PY) -m pytest -m gpu -v
 
-# Idempotent: run again after an interruption, finished runs are skipped, unfinished ones resume.
-reproduce-mnist: install ## Figure 1: baseline and BN x SEEDS x 50k steps, then results/mnist/figure1.*
-	$(PY) -m bnrepro.train --multirun experiment=mnist/baseline,mnist/bn "seeds=$(SEEDS)" \
-		trainer.device=$(DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
-		hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(SWEEP_DIR) $(MNIST_RESULTS)/runs
-	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
+# The experiments: each `reproduce-<name>` target is one sweep through the entrypoint, its runs
+# collected into results/, and its figure drawn from them (REPRODUCE below); `make figures`
+# redraws every figure from the same list. Per experiment: _SWEEP (the sweep's overrides), _DIR
+# (the sweep directory), _RUNS (where its runs are collected), _FIGURE (the figure script and its
+# flags), _OUT (the results folder), _HELP. Idempotent: run again after an interruption,
+# finished runs are skipped, unfinished ones resume.
+EXPERIMENTS := mnist mnist-grid fashion fig2-small ics bn-stats batch-size
 
-reproduce-mnist-grid: install ## The variant grid on MNIST (24 runs), then results/mnist/grid.*
-	$(PY) -m bnrepro.train --multirun experiment=mnist/grid $(GRID) \
-		hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(GRID_SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(GRID_SWEEP_DIR) $(MNIST_RESULTS)/grid_runs
-	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
+mnist_HELP := Figure 1: baseline and BN x SEEDS x 50k steps, then results/mnist/figure1.*
+mnist_SWEEP := experiment=mnist/baseline,mnist/bn "seeds=$(SEEDS)" trainer.device=$(DEVICE)
+mnist_DIR := $(SWEEP_DIR)
+mnist_RUNS := $(MNIST_RESULTS)/runs
+mnist_FIGURE := make_figure1.py
+mnist_OUT := $(MNIST_RESULTS)
 
-reproduce-fashion: install ## Figure 1 on Fashion-MNIST (data=fashion_mnist), then results/fashion_mnist/
-	$(PY) -m bnrepro.train --multirun experiment=mnist/baseline,mnist/bn data=fashion_mnist \
-		"seeds=$(SEEDS)" trainer.device=$(DEVICE) hydra/launcher=joblib \
-		hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(FASHION_SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(FASHION_SWEEP_DIR) $(FASHION_RESULTS)/runs
-	$(PY) scripts/make_figure1.py --runs $(FASHION_RESULTS)/runs --out $(FASHION_RESULTS)
+mnist-grid_HELP := The variant grid on MNIST (24 runs), then results/mnist/grid.*
+mnist-grid_SWEEP := experiment=mnist/grid $(GRID)
+mnist-grid_DIR := $(GRID_SWEEP_DIR)
+mnist-grid_RUNS := $(MNIST_RESULTS)/grid_runs
+mnist-grid_FIGURE := make_mnist_grid.py
+mnist-grid_OUT := $(MNIST_RESULTS)
 
-reproduce-fig2-small: install ## Figures 2 and 3 at small scale (Fashion-MNIST), results/fig2_small/
-	$(PY) -m bnrepro.train --multirun experiment=$(FIG2_EXPERIMENTS) seed=$(FIG2_SEEDS) \
-		trainer.device=$(FIG2_DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
-		hydra.sweep.dir=$(FIG2_SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(FIG2_SWEEP_DIR) $(FIG2_RESULTS)/runs
-	$(PY) scripts/make_figure2.py --small --runs $(FIG2_RESULTS)/runs --out $(FIG2_RESULTS)
+fashion_HELP := Figure 1 on Fashion-MNIST (data=fashion_mnist), then results/fashion_mnist/
+fashion_SWEEP := experiment=mnist/baseline,mnist/bn data=fashion_mnist "seeds=$(SEEDS)" \
+	trainer.device=$(DEVICE)
+fashion_DIR := $(FASHION_SWEEP_DIR)
+fashion_RUNS := $(FASHION_RESULTS)/runs
+fashion_FIGURE := make_figure1.py
+fashion_OUT := $(FASHION_RESULTS)
 
-reproduce-ics: install ## ICS and loss landscape: no BN, BN, noisy BN (Santurkar et al.), results/ics/
-	$(PY) -m bnrepro.train --multirun experiment=ics/baseline,ics/bn,ics/noisy_bn \
-		"seeds=$(ICS_SEEDS)" hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
-		hydra.sweep.dir=$(ICS_SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(ICS_SWEEP_DIR) $(ICS_RESULTS)/runs
-	$(PY) scripts/make_ics_figure.py --runs $(ICS_RESULTS)/runs --out $(ICS_RESULTS)
+fig2-small_HELP := Figures 2 and 3 at small scale (Fashion-MNIST), results/fig2_small/
+fig2-small_SWEEP := experiment=$(FIG2_EXPERIMENTS) seed=$(FIG2_SEEDS) trainer.device=$(FIG2_DEVICE)
+fig2-small_DIR := $(FIG2_SWEEP_DIR)
+fig2-small_RUNS := $(FIG2_RESULTS)/runs
+fig2-small_FIGURE := make_figure2.py --small
+fig2-small_OUT := $(FIG2_RESULTS)
+
+ics_HELP := ICS and loss landscape: no BN, BN, noisy BN (Santurkar et al.), results/ics/
+ics_SWEEP := experiment=ics/baseline,ics/bn,ics/noisy_bn "seeds=$(ICS_SEEDS)"
+ics_DIR := $(ICS_SWEEP_DIR)
+ics_RUNS := $(ICS_RESULTS)/runs
+ics_FIGURE := make_ics_figure.py
+ics_OUT := $(ICS_RESULTS)
 
 # The largest jobs (the smallest batches) first: data.batch_size varies slowest in the sweep.
-reproduce-bn-stats: install ## BN's inference statistics (EMA, cumulative, Alg. 2, precise) by batch size, results/bn_stats/
-	$(PY) -m bnrepro.train --multirun experiment=bn_stats/bn \
-		data.batch_size=$(BN_STATS_BATCH_SIZES) "seeds=$(BN_STATS_SEEDS)" hydra/launcher=joblib \
-		hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(BN_STATS_SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(BN_STATS_SWEEP_DIR) $(BN_STATS_RESULTS)/runs
-	$(PY) scripts/make_bn_stats_figure.py --runs $(BN_STATS_RESULTS)/runs --out $(BN_STATS_RESULTS)
+bn-stats_HELP := BN's inference statistics (EMA, cumulative, Alg. 2, precise) by batch size, results/bn_stats/
+bn-stats_SWEEP := experiment=bn_stats/bn data.batch_size=$(BN_STATS_BATCH_SIZES) \
+	"seeds=$(BN_STATS_SEEDS)"
+bn-stats_DIR := $(BN_STATS_SWEEP_DIR)
+bn-stats_RUNS := $(BN_STATS_RESULTS)/runs
+bn-stats_FIGURE := make_bn_stats_figure.py
+bn-stats_OUT := $(BN_STATS_RESULTS)
 
-reproduce-batch-size: install ## Test error vs batch size 2..256 for each norm (GroupNorm's Fig. 1), results/batch_size/
-	$(PY) -m bnrepro.train --multirun experiment=batch_size/grid data.batch_size=$(BATCH_SIZES) \
-		norm=$(BATCH_NORMS) "seeds=$(BATCH_SEEDS)" hydra/launcher=joblib \
-		hydra.launcher.n_jobs=$(JOBS) hydra.sweep.dir=$(BATCH_SWEEP_DIR) $(ARGS)
-	$(PY) scripts/collect_runs.py $(BATCH_SWEEP_DIR) $(BATCH_RESULTS)/runs
-	$(PY) scripts/make_batch_size_figure.py --runs $(BATCH_RESULTS)/runs --out $(BATCH_RESULTS)
+batch-size_HELP := Test error vs batch size 2..256 for each norm (GroupNorm's Fig. 1), results/batch_size/
+batch-size_SWEEP := experiment=batch_size/grid data.batch_size=$(BATCH_SIZES) norm=$(BATCH_NORMS) \
+	"seeds=$(BATCH_SEEDS)"
+batch-size_DIR := $(BATCH_SWEEP_DIR)
+batch-size_RUNS := $(BATCH_RESULTS)/runs
+batch-size_FIGURE := make_batch_size_figure.py
+batch-size_OUT := $(BATCH_RESULTS)
+
+# $(1): an experiment of EXPERIMENTS.
+define REPRODUCE
+reproduce-$(1): install
+	$$(PY) -m bnrepro.train --multirun $$($(1)_SWEEP) hydra/launcher=joblib \
+		hydra.launcher.n_jobs=$$(JOBS) hydra.sweep.dir=$$($(1)_DIR) $$(ARGS)
+	$$(PY) scripts/collect_runs.py $$($(1)_DIR) $$($(1)_RUNS)
+	$$(PY) scripts/$$($(1)_FIGURE) --runs $$($(1)_RUNS) --out $$($(1)_OUT)
+endef
+$(foreach e,$(EXPERIMENTS),$(eval $(call REPRODUCE,$(e))))
 
 report: install ## results/REPORT.md: every claim of the paper, ours with a 95 % CI and a verdict
 	$(PY) scripts/make_report.py --results results --out results/REPORT.md
 
 figures: install ## Rebuild every figure in results/ from the run logs stored there
-	$(PY) scripts/make_figure1.py --runs $(MNIST_RESULTS)/runs --out $(MNIST_RESULTS)
-	$(PY) scripts/make_mnist_grid.py --runs $(MNIST_RESULTS)/grid_runs --out $(MNIST_RESULTS)
-	$(PY) scripts/make_figure1.py --runs $(FASHION_RESULTS)/runs --out $(FASHION_RESULTS)
-	$(PY) scripts/make_figure2.py --small --runs $(FIG2_RESULTS)/runs --out $(FIG2_RESULTS)
-	$(PY) scripts/make_ics_figure.py --runs $(ICS_RESULTS)/runs --out $(ICS_RESULTS)
-	$(PY) scripts/make_bn_stats_figure.py --runs $(BN_STATS_RESULTS)/runs --out $(BN_STATS_RESULTS)
-	$(PY) scripts/make_batch_size_figure.py --runs $(BATCH_RESULTS)/runs --out $(BATCH_RESULTS)
+	@set -e; $(foreach e,$(EXPERIMENTS),\
+		echo "$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT)"; \
+		$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT);)
 
 bench: install ## MNIST speed: DataLoader vs in-memory vs the trainer, and make reproduce-mnist's wall time
 	$(PY) scripts/bench_mnist.py --data-dir "$${DATA_DIR:-data}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -35,3 +36,27 @@ def test_torch_pins_are_the_ones_that_import_together():
     pins = pyproject_pins()
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= pins
     assert "python=3.11" in (REPO / "environment.yml").read_text()
+
+
+def make_dry_run(*targets: str) -> str:
+    """What `make -n TARGETS` would run (PY set, so nothing is installed)."""
+    out = subprocess.run(
+        ["make", "-n", "PY=python", *targets], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_every_results_folder_has_a_reproduce_target_and_a_figure():
+    """The Makefile's one template: each results folder with runs is made by a reproduce-*
+    target (a sweep, collected there, drawn from there) and redrawn by `make figures`."""
+    folders = sorted((REPO / "results").glob("*/*runs"))
+    assert len(folders) >= 7
+    figures = make_dry_run("figures")
+    experiments = re.search(r"^EXPERIMENTS := (.+)$", (REPO / "Makefile").read_text(), re.M)
+    reproduce = make_dry_run(*(f"reproduce-{e}" for e in experiments.group(1).split()))
+    for folder in folders:
+        runs = folder.relative_to(REPO).as_posix()
+        assert f"--runs {runs} --out" in figures, runs
+        assert "collect_runs.py" in reproduce and f" {runs}\n" in reproduce, runs
+    assert reproduce.count("-m bnrepro.train --multirun") == len(experiments.group(1).split())

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision as tv
 
 from bnrepro.analysis.runs import read_metrics
 
@@ -48,6 +50,15 @@ def test_single_run_writes_the_run_directory_contract(mnist_root, tmp_path):
     assert summary["final_test_acc"] == records[-1]["test/acc"]
     assert summary["best_test_acc"] == max(r["test/acc"] for r in records)
     assert (summary["arm"], summary["seed"]) == ("bn", 1)
+    # Where the result came from: this checkout's commit, the libraries, the job's command.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    origin = summary["provenance"]
+    assert origin["commit"] == head.stdout.strip() and isinstance(origin["dirty"], bool)
+    assert (origin["torch"], origin["torchvision"]) == (torch.__version__, tv.__version__)
+    assert origin["cpu"] and origin["threads"] >= 1
+    command = origin["command"].split()
+    assert command[:3] == ["python", "-m", "bnrepro.train"]
+    assert {"experiment=mnist/bn", "trainer.steps=300"} <= set(command)
 
     wandb_files = offline_runs(run_dir)
     assert len(wandb_files) == 1 and wandb_files[0].stat().st_size > 0

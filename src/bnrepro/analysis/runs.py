@@ -75,6 +75,21 @@ def find_runs(root: str | Path) -> list[RunRecord]:
     return sorted(runs, key=lambda r: (r.arm, r.seed))
 
 
+def provenance_of(runs: list[RunRecord]) -> dict[str, list[str]]:
+    """The code, libraries and devices behind `runs` (their summaries' `provenance`), for the
+    figure JSONs and the report: the distinct commits ("+dirty" when the tree had uncommitted
+    changes), torch versions and devices, sorted; "not recorded" for runs made before summaries
+    recorded it."""
+    commits, torches, devices = set(), set(), set()
+    for run in runs:
+        origin = run.summary.get("provenance") or {}
+        commit = origin.get("commit") or "not recorded"
+        commits.add(commit + ("+dirty" if origin.get("dirty") else ""))
+        torches.add(origin.get("torch") or "not recorded")
+        devices.add(run.summary.get("device") or "not recorded")
+    return {"commits": sorted(commits), "torch": sorted(torches), "devices": sorted(devices)}
+
+
 @dataclass
 class ArmResult:
     """One variant (arm): its accuracy curve (mean over seeds) and what the table reports."""

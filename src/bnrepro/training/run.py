@@ -39,6 +39,7 @@ from bnrepro.infra.distributed import (
     wrap_model,
 )
 from bnrepro.infra.preemption import PreemptionSignals
+from bnrepro.infra.provenance import provenance
 from bnrepro.infra.tracking import Tracker, open_trackers
 from bnrepro.measures.bn_estimators import StatsEstimators
 from bnrepro.models.batchnorm import BNStats, network_bn
@@ -96,7 +97,7 @@ def train(cfg: RunConfig, env: DistEnv) -> list[dict[str, Any]]:
             for (member_cfg, _), tracker, result in zip(runs, trackers, results, strict=True):
                 result = replace(result, status=status) if result.status == "completed" else result
                 seconds = time.perf_counter() - start
-                summary = summarize(member_cfg, task.monitor, result, seconds, device)
+                summary = summarize(member_cfg, task.monitor, result, seconds, env.device)
                 tracker.write_summary(summary)
 
         try:
@@ -241,10 +242,11 @@ def finished_summaries(runs: list[tuple[RunConfig, Path]]) -> list[dict[str, Any
 
 
 def summarize(
-    cfg: RunConfig, monitor: str, result: LoopResult, seconds: float, device: str
+    cfg: RunConfig, monitor: str, result: LoopResult, seconds: float, device: torch.device
 ) -> dict[str, Any]:
     """summary.json: status, steps, final and best accuracy (`monitor`), wall time, names, the
-    variant and key settings, and the device that made the result."""
+    variant and key settings, the device that made the result and where it came from (the
+    commit, libraries, machine and command: bnrepro.infra.provenance)."""
     key = monitor.replace("/", "_")  # test/acc -> final_test_acc, best_test_acc
     accs = [r[monitor] for r in result.history]
     best = max(range(len(accs)), key=accs.__getitem__) if accs else None
@@ -269,7 +271,8 @@ def summarize(
             "trainer_steps": cfg.trainer.steps,
             "data": cfg.data.name,
         },
-        "device": device,
+        "device": device_name(device),
+        "provenance": provenance(device),
     }
 
 
@@ -302,7 +305,7 @@ def finish_run(
     env: DistEnv,
 ) -> dict[str, Any]:
     """Write one network's summary.json and figure; return the summary."""
-    summary = summarize(cfg, monitor, result, seconds, device_name(env.device))
+    summary = summarize(cfg, monitor, result, seconds, env.device)
     if env.enabled:
         summary |= {
             "world_size": env.world_size,
