@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import googlenet
 
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.inception import BNInception
+from bnrepro.models.norms import Normalization
 
 
 def make_model(name: str) -> torch.nn.Module:
     if name == "bn_inception":
-        bn = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
-        return BNInception(num_classes=1000, norm="bn", bn=bn)
+        bn = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=100)
+        return BNInception(num_classes=1000, norm=Normalization("bn", bn=bn))
     return googlenet(weights=None, aux_logits=False, init_weights=True)
 
 

@@ -38,8 +38,11 @@ from torchvision.datasets import MNIST
 from tqdm import tqdm
 
 from bnrepro.analysis.runs import RunRecord, find_runs, read_metrics
+from bnrepro.config.schema import is_bn
 from bnrepro.data.mnist import load_mnist
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {"baseline": "none", "bn": "bn"}
@@ -54,8 +57,8 @@ TARGETS = {
 
 def plain_model(norm: str) -> tuple[MLP, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    bn = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
-    model = MLP(norm=norm, bn=bn)
+    bn = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=100)
+    model = MLP(norm=Normalization(norm, bn=bn if is_bn(norm) else None))
     return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
 

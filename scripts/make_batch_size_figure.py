@@ -19,8 +19,8 @@ from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
 from bnrepro.analysis.plots import save
-from bnrepro.analysis.report import seed_summary
-from bnrepro.analysis.runs import RunRecord, figure_command, find_runs
+from bnrepro.analysis.runs import RunRecord, figure_command
+from bnrepro.analysis.stats import seed_summary
 
 COMMAND = "make reproduce-batch-size"
 LABELS = {
@@ -47,12 +47,12 @@ def run_config(run: RunRecord) -> dict:
     raise ValueError(f"{run.path}: no config.yaml beside the run")
 
 
-def collect(runs_dir: Path) -> dict:
+def collect(runs: list[RunRecord]) -> dict:
     """{norm: {batch size: [final test error per seed]}}, and where and how long they ran."""
     errors: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     seeds: dict[str, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     devices, seconds, schedule = set(), {}, set()
-    for run in find_runs(runs_dir):
+    for run in runs:
         summary = run.summary
         settings = summary["settings"]
         if run.arm not in seconds:  # one config read per job: its seeds share it

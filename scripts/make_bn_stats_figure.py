@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bnrepro.analysis.plots import save
-from bnrepro.analysis.report import seed_summary
-from bnrepro.analysis.runs import RunRecord, figure_command, find_runs
+from bnrepro.analysis.runs import RunRecord, figure_command
+from bnrepro.analysis.stats import seed_summary
 
 COMMAND = "make reproduce-bn-stats"
 REFERENCE = "precise"
@@ -56,9 +56,9 @@ def gap_curves(run: RunRecord) -> tuple[list[int], dict[str, list[float]], dict[
     return steps, gaps, final
 
 
-def collect(runs_dir: Path) -> dict:
+def collect(runs: list[RunRecord]) -> dict:
     by_batch: dict[int, list[RunRecord]] = defaultdict(list)
-    for run in find_runs(runs_dir):
+    for run in runs:
         by_batch[run.summary["settings"]["batch_size"]].append(run)
     batches = {}
     for batch in sorted(by_batch):

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bnrepro.analysis.plots import plot_accuracy_band, plot_percentiles, save
-from bnrepro.analysis.runs import RunRecord, find_runs
+from bnrepro.analysis.runs import RunRecord, find_runs, provenance_of
 
 ARMS = {"baseline": "Without BN", "bn": "With BN"}
 COLORS = {"baseline": "tab:blue", "bn": "tab:red"}
@@ -168,6 +168,7 @@ def build(runs: list[RunRecord], out: Path) -> dict:
     result["bn_steps_to_baseline_final_acc"] = first_step_reaching(
         bn["steps"], np.array(bn["test_acc_mean"]), baseline_final
     )
+    result["provenance"] = provenance_of(runs)
     (out / "figure1.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "README.md").write_text(results_table(result))
     return result

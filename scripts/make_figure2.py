@@ -27,6 +27,7 @@ from bnrepro.analysis.runs import (
     arm_results,
     find_runs,
     markdown_table,
+    provenance_of,
     results_json,
     runs_from_wandb,
     table_rows,
@@ -175,6 +176,7 @@ def main() -> int:
             source=source_text,
             devices=devices,
             per_seed=per_seed(runs, scale.metric, target),
+            provenance=provenance_of(runs),
         )
     )
     print(table)

@@ -22,8 +22,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bnrepro.analysis.plots import save
-from bnrepro.analysis.report import seed_summary
-from bnrepro.analysis.runs import RunRecord, figure_command, find_runs
+from bnrepro.analysis.runs import RunRecord, figure_command
+from bnrepro.analysis.stats import seed_summary
 
 COMMAND = "make reproduce-ics"
 ARMS = {"baseline": "no BN", "bn": "BN", "noisy_bn": "noisy BN"}
@@ -61,9 +61,9 @@ def accuracy_curve(run: RunRecord) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [a for _, a in points]
 
 
-def collect(runs_dir: Path) -> dict:
+def collect(runs: list[RunRecord]) -> dict:
     by_arm: dict[str, list[RunRecord]] = defaultdict(list)
-    for run in find_runs(runs_dir):
+    for run in runs:
         if run.arm in ARMS:
             by_arm[run.arm].append(run)
     arms = {}

@@ -16,7 +16,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from bnrepro.analysis.plots import save
-from bnrepro.analysis.runs import arm_results, find_runs, markdown_table, results_json, table_rows
+from bnrepro.analysis.runs import (
+    arm_results,
+    find_runs,
+    markdown_table,
+    provenance_of,
+    results_json,
+    table_rows,
+)
 
 COMMAND = "make reproduce-mnist-grid"
 METRIC = "test/acc"
@@ -76,7 +83,9 @@ def main() -> int:
         + table
     )
     (args.out / "grid.json").write_text(
-        results_json(results, rows, METRIC, args.target, command=COMMAND)
+        results_json(
+            results, rows, METRIC, args.target, command=COMMAND, provenance=provenance_of(runs)
+        )
     )
     print(table)
     print(f"wrote {args.out / 'grid.png'}, grid.md and grid.json")

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bnrepro.errors import ConfigError
-from bnrepro.models.batchnorm import BNStats, network_bn, recompute_population_stats
+from bnrepro.models.batchnorm import BNStats, StackedBatchNorm, recompute_population_stats
 
 EPS = 1e-5
 M, F = 60, 7  # the paper's MNIST batch size; a few features
@@ -210,14 +210,23 @@ def test_from_config_rejects_incomplete_or_unknown_settings(bn, message):
         BNStats.from_config(bn)
 
 
-def test_network_bn_requires_settings_only_with_bn():
-    assert network_bn("none", None) is None
-    assert network_bn("none", settings("ema")) is None
-    assert network_bn("bn", settings("ema")) == settings("ema")
-    with pytest.raises(ValueError, match="norm='bn' needs"):
-        network_bn("bn", None)
-    with pytest.raises(ConfigError, match="stats"):  # checked even where BN is off
-        network_bn("none", {"stats": "foo", "momentum": 0.1, "eps": EPS, "population_batches": 1})
+@pytest.mark.parametrize("stats", ["ema", "cumulative"])
+def test_stacked_bn_is_each_members_own_bn(stats):
+    """StackedBatchNorm on (M, F, B) activations: member i computes, and keeps as running
+    statistics (entries i*F .. (i+1)*F - 1), what its own BN layer does on (B, F)."""
+    bn = settings(stats)
+    stacked = bn.stacked_layer(2, F)
+    assert isinstance(stacked, StackedBatchNorm) and stacked.momentum == bn.layer_momentum
+    plain = [bn.layer(F) for _ in range(2)]
+    for _ in range(2):  # the second batch sees the running statistics the first one moved
+        h = torch.randn(2, F, M) * 3 + 1
+        out = stacked.train()(h)
+        for i, layer in enumerate(plain):
+            torch.testing.assert_close(out[i], layer.train()(h[i].T).T)
+    for i, layer in enumerate(plain):
+        members = slice(i * F, (i + 1) * F)
+        torch.testing.assert_close(stacked.running_mean[members], layer.running_mean)
+        torch.testing.assert_close(stacked.running_var[members], layer.running_var)
 
 
 def test_conv_bn_normalises_each_feature_map_over_batch_and_positions():

@@ -7,11 +7,13 @@ import torch
 
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.measures.bn_estimators import StatsEstimators, estimator_names
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 from bnrepro.models.stacked_mlp import StackedMLP
 
-BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 4}
-KW = {"in_features": 6, "hidden": [5, 4], "num_classes": 3, "norm": "bn", "bn": BN, "init_std": 0.7}
+BN = Normalization("bn", bn=BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=4))
+KW = {"in_features": 6, "hidden": [5, 4], "num_classes": 3, "norm": BN, "init_std": 0.7}
 
 
 def model(seed: int = 0) -> MLP:

@@ -20,6 +20,8 @@ from bnrepro.config.schema import (
     parse_config,
 )
 from bnrepro.errors import ConfigError
+from bnrepro.models.networks import build_network
+from bnrepro.models.norms import Normalization
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(
@@ -42,9 +44,9 @@ def test_there_are_experiments():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(compose_cfg, experiment):
     cfg = compose_cfg(f"experiment={experiment}", "paths.output_dir=/tmp/x")
-    parse_config(cfg)
+    run = parse_config(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    model = instantiate(cfg.model)
+    model = build_network(run.model, Normalization.from_model(run.model))
     instantiate(cfg.optim, params=model.parameters())
     assert cfg.logger.project  # experiments log to W&B by default
 
@@ -185,6 +187,76 @@ def test_a_misspelt_or_missing_key_is_one_line(compose_cfg):
         parse_config(compose_cfg("experiment=mnist/bn", "+model.dropuot=0.5"))
     with pytest.raises(ConfigError, match=r"^trainer.steps is missing"):
         parse_config(compose_cfg("experiment=mnist/bn", "~trainer.steps"))
+
+
+TAGS = "mnist or fashion_mnist or imagenet"
+TARGETS = "bnrepro.models.mlp.MLP or bnrepro.models.inception.BNInception"
+
+
+@pytest.mark.parametrize(
+    "overrides, line",
+    [
+        # Strict types: true is not an integer, nor is 2.0; 1 is not true.
+        (["trainer.steps=true"], "trainer.steps=True is invalid: expected a positive integer."),
+        (["trainer.steps=2.0"], "trainer.steps=2.0 is invalid: expected a positive integer."),
+        (["seed=1.5"], "seed=1.5 is invalid: expected an integer."),
+        (["optim.lr=true"], "optim.lr=True is invalid: expected a positive number."),
+        (["data.download=1"], "data.download=1 is invalid: expected true or false."),
+        (
+            ["trainer.cuda_graph=0"],
+            "trainer.cuda_graph=0 is invalid: expected auto or true or false.",
+        ),
+        (["optim.lr_mult=false"], "optim.lr_mult=False is invalid: expected a positive number."),
+        # An unknown key in a nested section, named with the section's settings.
+        (
+            ["+model.bn.moment=0.1"],
+            "model.bn.moment is not a setting (expected one of stats, momentum, eps, "
+            "population_batches); check its spelling",
+        ),
+        (
+            ["norm=noisy_bn", "+model.noise.shift=1"],
+            "model.noise.shift is not a setting (expected one of mean, std, scale); check its "
+            "spelling",
+        ),
+        # A union's tag (data.name, model._target_) that names no section, or none at all.
+        (["data.name=cifar10"], f"data.name='cifar10' is invalid: expected {TAGS}."),
+        (["model._target_=x.MLP"], f"model._target_='x.MLP' is invalid: expected {TARGETS}."),
+        (["~data.name"], "data.name is missing; every config of data sets it"),
+        (["~model._target_"], "model._target_ is missing; every config of model sets it"),
+        # A section's own checks; a section that is not a mapping.
+        (
+            ["norm=noisy_bn", "model.noise.scale=[2,1]"],
+            "model.noise.scale=[2, 1] is invalid: expected [low, high] with 0 < low.",
+        ),
+        (["model.bn=5"], "model.bn=5 is invalid: expected a mapping of settings."),
+        (["~model.bn.eps"], "model.bn.eps is missing; every config of model.bn sets it"),
+    ],
+)
+def test_a_bad_value_is_one_exact_line(compose_cfg, overrides, line):
+    """The key in full, the value as given and what it must be: pydantic's first error."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(compose_cfg("experiment=mnist/bn", *overrides))
+    assert str(err.value) == line
+
+
+def test_values_take_their_declared_types(compose_cfg):
+    """An int given for a float is that float, a list for a [low, high] pair a tuple; lr_mult
+    keeps the type given (x5 is an int); keys starting with `_` are Hydra's, not settings."""
+    cfg = compose_cfg(
+        "experiment=mnist/bn",
+        "optim.lr=1",
+        "norm=noisy_bn",
+        "model.noise.scale=[1,2]",
+        "+model.bn._note_=x",
+    )
+    assert cfg.model._convert_ == "all"  # ignored, as _target_ is not (the tag of model)
+    run = parse_config(cfg)
+    assert run.optim.lr == 1.0 and type(run.optim.lr) is float
+    assert run.model.noise.scale == (1.0, 2.0)
+    assert [type(v) for v in run.model.noise.scale] == [float, float]
+    assert type(run.optim.lr_mult) is int and type(run.model.bn.momentum) is float
+    imagenet = parse_config(compose_cfg("experiment=imagenet/bn_baseline"))
+    assert type(imagenet.data.crop_scale) is tuple and len(imagenet.data.crop_scale) == 2
 
 
 def test_the_typed_config_is_what_the_code_reads(compose_cfg):

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from bnrepro.analysis.runs import find_runs
+from bnrepro.config.schema import parse_config
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.measures.probes import nonlinearity_input_percentiles
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.networks import build_network
+from bnrepro.models.norms import Normalization
 from bnrepro.models.stacked_mlp import StackedMLP
 from bnrepro.training.loop import member_losses
 
@@ -24,12 +25,9 @@ from .conftest import run_train
 TOL = 1e-4
 
 
-MLP_CONFIG = Path(__file__).parents[1] / "configs" / "model" / "mlp.yaml"
-
-
 def mlp_kwargs(norm: str, stats: str = "ema") -> dict[str, Any]:
-    bn = {"stats": stats, "momentum": 0.1, "eps": 1e-5, "population_batches": 5}
-    return {"norm": norm, "bn": bn}
+    bn = BNStats(stats=stats, momentum=0.1, eps=1e-5, population_batches=5)
+    return {"norm": Normalization(norm, bn=bn if norm == "bn" else None)}
 
 
 def plain_mlps(kwargs: dict[str, Any]) -> list[MLP]:
@@ -69,14 +67,14 @@ def test_stacked_population_stats_and_probes_match_each_member():
     stacked = StackedMLP.from_members(mlps, **kwargs)
     data_x, data_y = torch.rand(600, 784), torch.randint(0, 10, (600,))
     gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
-    stacked.bn_stats.refresh(stacked, stacked_batches(data_x, data_y, 60, gens))
+    stacked.normalization.bn.refresh(stacked, stacked_batches(data_x, data_y, 60, gens))
     probe_x = torch.rand(200, 784)
     stacked_probes = nonlinearity_input_percentiles(
         stacked, stacked.nonlinearities(), probe_x, 7, [15, 50, 85]
     )
     for i, mlp in enumerate(mlps):
         gen = torch.Generator().manual_seed(i + 1)
-        mlp.bn_stats.refresh(mlp, shuffled_batches(data_x, data_y, 60, gen))
+        mlp.normalization.bn.refresh(mlp, shuffled_batches(data_x, data_y, 60, gen))
         bn, f = stacked.layers["h2"].bn, 100
         torch.testing.assert_close(
             bn.running_var[i * f : (i + 1) * f],
@@ -93,16 +91,18 @@ def test_stacked_population_stats_and_probes_match_each_member():
 
 
 @pytest.mark.parametrize("norm", ["none", "bn"])
-def test_stack_built_from_the_model_config(norm):
+def test_stack_built_from_the_model_config(compose_cfg, norm):
     """What the trainer does with `seeds`: the stack and each member come from one config."""
-    cfg = OmegaConf.merge(OmegaConf.load(MLP_CONFIG), {"norm": norm, "dropout": 0.2})
-    stacked = instantiate(cfg, _target_="bnrepro.models.stacked_mlp.StackedMLP", members=2)
+    run = parse_config(compose_cfg("experiment=mnist/bn", f"norm={norm}", "model.dropout=0.2"))
+    normalization = Normalization.from_model(run.model)
+    stacked = build_network(run.model, normalization, members=2)
+    assert isinstance(stacked, StackedMLP)
     mlps = []
     for i, seed in enumerate((11, 12)):
         torch.manual_seed(seed)
-        mlps.append(instantiate(cfg))
+        mlps.append(build_network(run.model, normalization))
         stacked.load_member(i, mlps[-1])
-    assert stacked.bn_stats == mlps[0].bn_stats
+    assert stacked.normalization == mlps[0].normalization
     assert [type(m) for m in stacked.modules()].count(torch.nn.Dropout) == 3
     x = torch.rand(2, 60, 784)
     stacked.eval()
@@ -113,11 +113,11 @@ def test_stack_built_from_the_model_config(norm):
 @pytest.mark.parametrize(
     "other",
     [
-        {"norm": "bn", "hidden": [100, 50, 100]},
-        {"norm": "bn", "activation": "relu"},
-        {"norm": "bn", "dropout": 0.1},
-        {"norm": "none"},
-        {"norm": "bn", "bn": mlp_kwargs("bn", stats="cumulative")["bn"]},
+        {"hidden": [100, 50, 100]},
+        {"activation": "relu"},
+        {"dropout": 0.1},
+        mlp_kwargs("none"),
+        mlp_kwargs("bn", stats="cumulative"),
     ],
 )
 def test_load_member_rejects_an_mlp_built_otherwise(other):

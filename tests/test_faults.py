@@ -257,3 +257,82 @@ def test_truncated_or_foreign_checkpoint_is_one_line(mnist_root, tmp_path):
         broken.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {last} is unreadable")
     )
     assert run_train(*args, "resume=never").returncode == 0  # the way out the message names
+
+
+@pytest.mark.parametrize("batch_size, returncode", [(12, 0), (13, 2)])
+def test_batch_larger_than_the_training_set_is_one_line_before_training(
+    batch_size, returncode, tiny_mnist, tmp_path
+):
+    """12 training images: a batch of 12 trains (population statistics too, over several
+    epochs); a batch of 13 stops before any step, where it used to be an IndexError."""
+    root, _ = tiny_mnist
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        "experiment=mnist/bn",
+        f"data.batch_size={batch_size}",
+        "data.download=false",
+        "data.verify_checksums=false",
+        "trainer.steps=2",
+        "trainer.eval_every=1",
+        "model.bn.population_batches=3",
+        "logger=none",
+        f"paths.data_dir={root}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == returncode, proc.stderr[-3000:]
+    if returncode:
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            "error: data.batch_size=13 is larger than the training set (12 images in mnist): "
+            "no batch can be drawn; use data.batch_size<=12"
+        )
+        # Only what Hydra writes before any job starts: no metrics, summary or checkpoint.
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]
+
+
+@pytest.mark.parametrize(
+    "tools, missing",
+    [((), "sbatch and srun are"), (("sbatch",), "srun is"), (("sbatch", "srun"), None)],
+)
+def test_slurm_launcher_needs_slurm_here(tools, missing, tmp_path, monkeypatch):
+    """Checked on PATH (stand-ins here: this machine's own SLURM, if any, must not count)."""
+    from bnrepro.config.resolvers import register_resolvers
+    from bnrepro.errors import ConfigError
+    from bnrepro.infra.preflight import preflight
+
+    register_resolvers()  # as the entrypoint does on import: run directories are named by them
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    argv = ["-m", "hydra/launcher=slurm", "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    if missing is None:
+        preflight(argv, str(REPO / "configs"))
+        preflight(argv[1:-2], str(REPO / "configs"))  # a single run ignores the launcher
+        return
+    with pytest.raises(ConfigError, match=f"but {missing} not on PATH here"):
+        preflight(argv, str(REPO / "configs"))
+    preflight(argv[1:-2], str(REPO / "configs"))
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_slurm_sweep_without_slurm_is_one_line_and_starts_nothing(launcher, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnrepro.train", "-m", f"hydra/launcher={launcher}", "seed=1,2"]
+        + [f"hydra.sweep.dir={sweep}"],
+        cwd=REPO,
+        env=os.environ | {"PATH": str(tmp_path)},  # no sbatch, whatever this machine has
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: hydra/launcher={launcher} submits the jobs to SLURM, but sbatch and srun are "
+        f"not on PATH here (no SLURM on this machine); run the sweep on a SLURM login node, or "
+        f"here with hydra/launcher=joblib or hydra/launcher=local_procs"
+    ]
+    assert not sweep.exists()

@@ -11,17 +11,19 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from bnrepro.config.resolvers import register_resolvers
 from bnrepro.config.schema import InceptionModule, choices, parse_config
 from bnrepro.infra.distributed import DistEnv
-from bnrepro.models.batchnorm import network_bn
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.inception import INCEPTION_TABLE, BNInception
+from bnrepro.models.networks import build_network
+from bnrepro.models.norms import Normalization
 from bnrepro.tasks import build_task
 from bnrepro.training.loop import train_step
 from bnrepro.training.optim import build_optimizer
+from bnrepro.training.placement import decide_placement
 
 from .conftest import REPO, run_train
 
@@ -65,10 +67,10 @@ def test_every_arm_composes_and_trains_on_real_fashion_mnist(arm, fashion_root):
     assert run.model.lrn is original
     assert run.optim.weight_decay == pytest.approx(4e-5 if original else 4e-5 / 5)
     assert run.optim.schedule.every_steps == pytest.approx(3750 if original else 3750 / 6)
-    bn = network_bn(run.model.norm, run.model.bn)
-    task = build_task(run, DistEnv(), bn)
+    normalization = Normalization.from_model(run.model)
+    task = build_task(run, DistEnv(), decide_placement(run, DistEnv()), normalization.bn)
     torch.manual_seed(0)
-    model = instantiate(cfg.model)
+    model = build_network(run.model, normalization)
     assert isinstance(model, BNInception) and list(model.stages)[-1] == "5b"
     optimizer = build_optimizer(model, run.optim)
     losses = [float(train_step(model, optimizer, *next(task.train_batches))) for _ in range(3)]
@@ -79,12 +81,11 @@ def test_every_arm_composes_and_trains_on_real_fashion_mnist(arm, fashion_root):
 
 
 def test_scaling_is_by_config_and_keeps_every_module():
-    full = BNInception(
-        num_classes=10, bn={"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 1}
-    )
+    bn = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=1)
+    full = BNInception(num_classes=10, norm=Normalization("bn", bn=bn))
     small = BNInception(
         num_classes=10,
-        bn={"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 1},
+        norm=Normalization("bn", bn=bn),
         in_channels=1,
         stem="small",
         width_mult=0.125,
@@ -98,7 +99,9 @@ def test_scaling_is_by_config_and_keeps_every_module():
         name: out.shape[-1] for name, out in small.stage_outputs(torch.rand(2, 1, 28, 28)).items()
     }
     assert (shapes["3a"], shapes["4a"], shapes["5b"]) == (7, 4, 2)
-    fewer = BNInception(num_classes=10, norm="none", modules=["3a", "3c", "4e", "5b"])
+    fewer = BNInception(
+        num_classes=10, norm=Normalization("none"), modules=["3a", "3c", "4e", "5b"]
+    )
     assert list(fewer.nonlinearities()) == ["conv1", "conv2", "3c", "4e", "5b"]
 
 

@@ -21,8 +21,9 @@ import torch
 
 from bnrepro.analysis.runs import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
-from bnrepro.models.batchnorm import recompute_population_stats
+from bnrepro.models.batchnorm import BNStats, recompute_population_stats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 
 from .conftest import REPO, run_train
 from .test_distributed import torchrun
@@ -142,8 +143,8 @@ def test_stacked_mnist_on_cuda_matches_the_cpu(mnist_root, tmp_path):
 
 def test_population_statistics_on_cuda_equal_the_cpus():
     torch.manual_seed(0)
-    bn = {"stats": "population", "momentum": 0.1, "eps": 1e-5, "population_batches": 50}
-    model = MLP(norm="bn", bn=bn)
+    bn = BNStats(stats="population", momentum=0.1, eps=1e-5, population_batches=50)
+    model = MLP(norm=Normalization("bn", bn=bn))
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.rand(60, 784, generator=generator), None) for _ in range(50)]
     stats = {}

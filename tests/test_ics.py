@@ -10,22 +10,26 @@ import pytest
 import torch
 from torch import nn
 
+from bnrepro.config.schema import NoiseSettings
 from bnrepro.measures.ics import layer_parameters, measured_step
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 from bnrepro.models.stacked_mlp import StackedMLP
 from bnrepro.training.loop import member_losses, train_step
 
-BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 5}
-NOISE = {"mean": 1.0, "std": 0.5, "scale": [0.5, 2.0]}
+BN = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=5)
+NORMS = {
+    "none": Normalization("none"),
+    "bn": Normalization("bn", bn=BN),
+    "noisy_bn": Normalization("noisy_bn", NoiseSettings(mean=1.0, std=0.5, scale=(0.5, 2.0)), BN),
+}
 SCALES = [0.5, 1.0, 2.0]
 
 
 def tiny_mlp(norm: str, seed: int = 0) -> MLP:
     torch.manual_seed(seed)
-    extra = {"noise": NOISE} if norm == "noisy_bn" else {}
-    model = MLP(
-        in_features=3, hidden=[5, 4], num_classes=3, norm=norm, bn=BN, init_std=0.8, **extra
-    )
+    model = MLP(in_features=3, hidden=[5, 4], num_classes=3, norm=NORMS[norm], init_std=0.8)
     return model.double()
 
 
@@ -90,7 +94,7 @@ def test_landscape_of_a_quadratic_matches_its_closed_form():
     """A linear classifier with squared loss: L(theta - eta g) and grad L(theta - eta g) are
     known exactly, and the effective beta-smoothness is ||H g|| / ||g|| for every step size."""
     torch.manual_seed(0)
-    model = MLP(in_features=4, hidden=[], num_classes=2, norm="none", init_std=0.5).double()
+    model = MLP(in_features=4, hidden=[], num_classes=2, init_std=0.5).double()
     x = torch.randn(16, 4, dtype=torch.float64)
     t = torch.randn(16, 2, dtype=torch.float64)
 
@@ -155,7 +159,7 @@ def test_measuring_leaves_the_run_as_an_ordinary_step_would():
 
 def test_stacked_members_are_measured_as_their_plain_networks():
     mlps = [tiny_mlp("bn", seed=s).float() for s in (3, 4)]
-    kwargs = {"in_features": 3, "hidden": [5, 4], "num_classes": 3, "norm": "bn", "bn": BN}
+    kwargs = {"in_features": 3, "hidden": [5, 4], "num_classes": 3, "norm": NORMS["bn"]}
     stacked = StackedMLP.from_members(mlps, **kwargs)
     x, y = batch(n=8)
     xs, ys = torch.stack([x, x + 0.5]).float(), torch.stack([y, y.flip(0)])

@@ -6,11 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from bnrepro.errors import ConfigError
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.inception import BNInception
+from bnrepro.models.norms import Normalization
 
-# model.bn of configs/model/bn_inception.yaml; models take BN settings explicitly.
-BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
+# model.bn of configs/model/bn_inception.yaml; models take their normalisation explicitly.
+BN_SETTINGS = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
+BN = Normalization("bn", bn=BNStats(**BN_SETTINGS))
+NONE = Normalization("none")
 
 STAGES = [
     "conv1", "pool1", "conv2_reduce", "conv2", "pool2",
@@ -56,7 +59,7 @@ def num_params(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(("proj_4cd", "table"), [(96, TABLE_96), (128, TABLE_128)])
 def test_stage_shapes_match_table(proj_4cd: int, table: dict) -> None:
-    model = BNInception(proj_4cd=proj_4cd, bn=BN).eval()
+    model = BNInception(proj_4cd=proj_4cd, norm=BN).eval()
     with torch.no_grad():
         outputs = model.stage_outputs(torch.randn(1, 3, 224, 224))
     assert list(outputs) == STAGES
@@ -65,14 +68,14 @@ def test_stage_shapes_match_table(proj_4cd: int, table: dict) -> None:
 
 
 def test_forward_gives_logits() -> None:
-    model = BNInception(num_classes=7, bn=BN).eval()
+    model = BNInception(num_classes=7, norm=BN).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 224, 224)).shape == (2, 7)
 
 
 def test_parameter_count() -> None:
-    n96 = num_params(BNInception(proj_4cd=96, bn=BN))
-    n128 = num_params(BNInception(proj_4cd=128, bn=BN))
+    n96 = num_params(BNInception(proj_4cd=96, norm=BN))
+    n128 = num_params(BNInception(proj_4cd=128, norm=BN))
     assert n96 == PARAMS_96
     assert n128 == PARAMS_128
     # The paper states 13.6 M; the table's widths give 10.15 M conv weights (+ 1.03 M in the
@@ -81,15 +84,15 @@ def test_parameter_count() -> None:
 
 
 def test_norm_none_has_biases_and_no_bn() -> None:
-    model = BNInception(norm="none", bn=BN)
+    model = BNInception(norm=NONE)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert count(model, nn.modules.batchnorm._BatchNorm) == 0
     assert all(c.bias is not None for c in convs)
 
 
 def test_norm_bn_one_bn_per_conv_no_conv_bias() -> None:
-    bn = {"stats": "cumulative", "momentum": 0.3, "eps": 1e-3, "population_batches": 1}
-    model = BNInception(norm="bn", bn=bn)
+    bn = BNStats(stats="cumulative", momentum=0.3, eps=1e-3, population_batches=1)
+    model = BNInception(norm=Normalization("bn", bn=bn))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(c.bias is None for c in convs)
@@ -99,16 +102,16 @@ def test_norm_bn_one_bn_per_conv_no_conv_bias() -> None:
 
 
 def test_sigmoid_replaces_every_relu() -> None:
-    model = BNInception(activation="sigmoid", bn=BN)
+    model = BNInception(activation="sigmoid", norm=BN)
     assert count(model, nn.ReLU) == 0
     assert count(model, nn.Sigmoid) == count(model, nn.Conv2d)
 
 
 def test_lrn_and_dropout_switches() -> None:
-    plain = BNInception(bn=BN)
+    plain = BNInception(norm=BN)
     assert count(plain, nn.LocalResponseNorm) == 0
     assert count(plain, nn.Dropout) == 0
-    model = BNInception(lrn=True, dropout=0.4, bn=BN)
+    model = BNInception(lrn=True, dropout=0.4, norm=BN)
     assert count(model, nn.LocalResponseNorm) == 2
     assert count(model, nn.Dropout) == 1
     assert model.dropout.p == 0.4
@@ -125,7 +128,8 @@ def test_lrn_and_dropout_switches() -> None:
 )
 def test_training_step_finite(norm: str, activation: str) -> None:
     torch.manual_seed(0)
-    model = BNInception(num_classes=5, norm=norm, activation=activation, bn=BN).train()
+    norms = {"bn": BN, "none": NONE}
+    model = BNInception(num_classes=5, norm=norms[norm], activation=activation).train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 5, (4,))
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
@@ -136,7 +140,7 @@ def test_training_step_finite(norm: str, activation: str) -> None:
 
 
 def test_small_inputs_run() -> None:
-    model = BNInception(num_classes=5, bn=BN)
+    model = BNInception(num_classes=5, norm=BN)
     assert model.train()(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
@@ -144,7 +148,7 @@ def test_small_inputs_run() -> None:
 
 
 def test_channels_last_matches() -> None:
-    model = BNInception(num_classes=5, bn=BN).eval()
+    model = BNInception(num_classes=5, norm=BN).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
@@ -153,7 +157,7 @@ def test_channels_last_matches() -> None:
 
 
 def test_nonlinearity_pre_hooks_fire() -> None:
-    model = BNInception(num_classes=5, bn=BN)
+    model = BNInception(num_classes=5, norm=BN)
     acts = model.nonlinearities()
     assert list(acts) == ["conv1", "conv2", "3c", "4e", "5b"]
     assert len({id(m) for m in acts.values()}) == len(acts)  # separate modules
@@ -165,22 +169,10 @@ def test_nonlinearity_pre_hooks_fire() -> None:
     assert seen == {"conv1": 64, "conv2": 192, "3c": 128, "4e": 128, "5b": 192}
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        # The other settings are checked once, by bnrepro.config.schema (tests/test_configs.py).
-        {"bn": BN | {"stats": "median"}},
-        {"bn": {"stats": "ema"}},  # no defaults in code: model.bn must be complete
-        {"bn": None},  # norm="bn" needs its settings
-    ],
-)
-def test_rejects_bad_bn_settings(kwargs: dict) -> None:
-    with pytest.raises((ValueError, ConfigError)):
-        BNInception(**{"bn": BN} | kwargs)
-
-
 def test_bn_settings_reach_every_layer() -> None:
-    model = BNInception(num_classes=5, bn=BN | {"stats": "population", "population_batches": 3})
-    assert model.bn_stats.needs_population_batches and model.bn_stats.population_batches == 3
-    assert all(b.momentum == 0.1 for b in model.modules() if isinstance(b, nn.BatchNorm2d))
-    assert BNInception(norm="none").bn_stats is None
+    # The settings themselves are checked once, by bnrepro.config.schema (test_configs.py).
+    bn = BNStats(**BN_SETTINGS | {"stats": "population", "population_batches": 3, "eps": 1e-3})
+    model = BNInception(num_classes=5, norm=Normalization("bn", bn=bn))
+    assert model.normalization.bn.needs_population_batches
+    bns = [b for b in model.modules() if isinstance(b, nn.BatchNorm2d)]
+    assert bns and all(b.momentum == 0.1 and b.eps == 1e-3 for b in bns)

@@ -12,19 +12,22 @@ import hashlib
 import pytest
 import torch
 
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.inception import BNInception
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 from bnrepro.models.stacked_mlp import StackedMLP
 
-BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
+BN = Normalization("bn", bn=BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=100))
+NONE = Normalization("none")
 
 
 def stacked() -> StackedMLP:
     members = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        members.append(MLP(norm="bn", bn=BN))
-    return StackedMLP.from_members(members, norm="bn", bn=BN)
+        members.append(MLP(norm=BN))
+    return StackedMLP.from_members(members, norm=BN)
 
 
 # name: (build, sha256 of the state_dict, sum of squares of its floating-point tensors)
@@ -35,23 +38,23 @@ CASES = {
         996.5212947944946,
     ),
     "mlp_bn": (
-        lambda: MLP(norm="bn", bn=BN),
+        lambda: MLP(norm=BN),
         "b017422d18612a980d10ac1f76d30223994661f359e0754b46a75c5c10fae410",
         1591.395970692304,
     ),
     "mlp_bn_relu_dropout": (
-        lambda: MLP(norm="bn", activation="relu", dropout=0.4, hidden=[50, 60], bn=BN),
+        lambda: MLP(norm=BN, activation="relu", dropout=0.4, hidden=[50, 60]),
         "e6fccc2f2e0f7a6b9f6ecf87f437a1aa413c321b96de7a1b506b0c4598881ff7",
         645.287507714078,
     ),
     "inception_bn": (
         # fan_out: the initialisation these pins were made with (fan_in is the default now).
-        lambda: BNInception(bn=BN, init_mode="fan_out"),
+        lambda: BNInception(norm=BN, init_mode="fan_out"),
         "bbd01d4ac79ff55eee2592b5892be634eaa3b2864348386687983c2bf6feb3f9",
         70299.82215487283,
     ),
     "inception_none": (
-        lambda: BNInception(norm="none", init_mode="fan_out"),
+        lambda: BNInception(norm=NONE, init_mode="fan_out"),
         "03d064b8d71f779203daf47bc9f67f3aa13304902489a09ddfb7f437dd141571",
         50373.68019240745,
     ),

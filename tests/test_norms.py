@@ -1,45 +1,176 @@
-"""The normalisations of models/norms.py: every `norm=` choice on every model, stacked as plain."""
+"""The normalisations of models/norms.py: one table of norms, every `norm=` choice on every
+model, stacked as plain, and a norm added in one place."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnrepro.config.schema import NoiseSettings, Norm, choices, parse_config
+from bnrepro.analysis.runs import find_runs
+from bnrepro.config.schema import (
+    NORMS,
+    GroupNormSettings,
+    InceptionConfig,
+    MLPConfig,
+    NoiseSettings,
+    Norm,
+    NormKind,
+    RenormSettings,
+    choices,
+    is_bn,
+    parse_config,
+)
 from bnrepro.errors import ConfigError
 from bnrepro.models.batch_renorm import BatchRenorm
+from bnrepro.models.batchnorm import BNStats
+from bnrepro.models.inception import BNInception
 from bnrepro.models.mlp import MLP
-from bnrepro.models.norms import ActivationNoise, Normalization, StackedGroupNorm, held_noise
+from bnrepro.models.networks import build_network
+from bnrepro.models.norms import (
+    NORM_LAYERS,
+    ActivationNoise,
+    Normalization,
+    NormLayers,
+    StackedGroupNorm,
+    held_noise,
+)
 from bnrepro.models.stacked_mlp import StackedMLP
 from bnrepro.training.loop import member_losses
 from bnrepro.training.optim import build_optimizer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 NEW_NORMS = ["batch_renorm", "group_norm", "layer_norm", "noisy_bn"]
-BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 5}
+BN = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=5)
 SETTINGS = {
     # No warm-up: r and d act from the first step, so stacked and plain really are compared.
-    "renorm": {
-        "r_max": 3.0,
-        "d_max": 5.0,
-        "warmup_steps": 0,
-        "r_max_steps": 0,
-        "d_max_steps": 0,
-        "momentum": 0.01,
-        "eps": 1e-5,
-    },
-    "group_norm": {"groups": 32, "eps": 1e-5},
-    "noise": {"mean": 1.0, "std": 0.5, "scale": [0.5, 2.0]},
+    "renorm": RenormSettings(
+        r_max=3.0,
+        d_max=5.0,
+        warmup_steps=0,
+        r_max_steps=0,
+        d_max_steps=0,
+        momentum=0.01,
+        eps=1e-5,
+    ),
+    "group_norm": GroupNormSettings(groups=32, eps=1e-5),
+    "noise": NoiseSettings(mean=1.0, std=0.5, scale=(0.5, 2.0)),
 }
+
+
+def normalization(norm: str) -> Normalization:
+    """The normalisation `norm` with the settings above (a run's comes from its config)."""
+    kind = NORMS[norm]
+    return Normalization(norm, SETTINGS.get(kind.section), BN if kind.is_bn else None)
 
 
 def test_every_norm_has_a_config():
     files = {p.stem for p in (CONFIGS / "norm").glob("*.yaml")}
     assert set(choices(Norm)) <= files
+
+
+def test_one_table_of_norms_on_each_side():
+    """The schema's NORMS (torch-free) and the layers' NORM_LAYERS name the same norms; each
+    settings section is a field of every model config and a setting of its norm's config."""
+    assert tuple(NORMS) == choices(Norm)
+    assert NORM_LAYERS.keys() == NORMS.keys()
+    for norm, kind in NORMS.items():
+        if kind.section is None:
+            continue
+        for config in (MLPConfig, InceptionConfig):
+            assert kind.section in get_type_hints(config)
+        assert kind.section in OmegaConf.load(CONFIGS / "norm" / f"{norm}.yaml")
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
+def test_is_bn_says_whether_the_layers_are_bn(norm):
+    """The torch-free fact agrees with the layers built: BN's kinds, and only they, have
+    torch BN layers (whose inference statistics come from model.bn)."""
+    model = MLP(hidden=[8, 6], norm=normalization(norm))
+    stacked = StackedMLP(2, hidden=[8, 6], norm=normalization(norm))
+    for network in (model, stacked):
+        assert any(isinstance(m, _BatchNorm) for m in network.modules()) == is_bn(norm)
+
+
+def test_a_noisy_bn_run_keeps_its_bn_statistics_in_the_analysis(compose_cfg, tmp_path):
+    """analysis/runs.py's variant of a run whose summary predates `variant` (read from its
+    stored config) is the trainer's own (RunConfig.variant), for noisy BN as for BN."""
+    for experiment in ("ics/noisy_bn", "ics/bn", "ics/baseline"):
+        cfg = compose_cfg(f"experiment={experiment}", "model.bn.stats=cumulative")
+        run = parse_config(cfg)
+        run_dir = tmp_path / experiment.replace("/", "_")
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # as Hydra stores it
+        summary = {"arm": run.arm, "seed": run.seed}  # an old summary.json: no variant
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        (run_dir / "metrics.jsonl").write_text("")
+        (record,) = find_runs(run_dir)
+        assert record.variant == run.variant
+        assert record.variant["bn_stats"] == ("cumulative" if is_bn(run.model.norm) else None)
+
+
+@dataclass(frozen=True)
+class ShiftSettings:
+    """The throwaway norm's settings section: its beta's starting value."""
+
+    beta: float
+
+
+class Shift(nn.Module):
+    """A throwaway norm: the identity, plus a learnt beta per feature (per member and feature
+    of stacked (M, F, B) activations, member-major as every stacked norm's)."""
+
+    def __init__(self, features: int, beta: float, members: int | None = None) -> None:
+        super().__init__()
+        self.features, self.members = features, members
+        self.bias = nn.Parameter(torch.full(((members or 1) * features,), beta))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.members is not None:
+            return h + self.bias.view(self.members, self.features, 1)
+        return h + self.bias.view(1, -1, *[1] * (h.dim() - 2))
+
+
+def test_a_new_norm_is_one_entry_in_each_table(monkeypatch):
+    """A norm added in-process (its NORMS and NORM_LAYERS entries, its module and settings
+    here) builds MLP, StackedMLP and BN-Inception with no other change, then is gone."""
+    shift = NormLayers(
+        plain=lambda norm, features, dims: {"norm": Shift(features, norm.settings.beta)},
+        stacked=lambda norm, members, features: {
+            "norm": Shift(features, norm.settings.beta, members)
+        },
+    )
+    with monkeypatch.context() as patch:
+        patch.setitem(NORMS, "shift", NormKind(section="shift", is_bn=False))
+        patch.setitem(NORM_LAYERS, "shift", shift)
+        norm = Normalization("shift", ShiftSettings(beta=0.5))
+        mlps = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            mlps.append(MLP(in_features=12, hidden=[8, 6], norm=norm))
+        stacked = StackedMLP.from_members(mlps, in_features=12, hidden=[8, 6], norm=norm)
+        inception = BNInception(
+            num_classes=3, norm=norm, in_channels=1, stem="small", width_mult=1 / 16,
+            modules=["3a", "3c"],
+        )  # fmt: skip
+        x = torch.rand(2, 5, 12)
+        for i, mlp in enumerate(mlps):
+            assert [m.features for m in mlp.modules() if isinstance(m, Shift)] == [8, 6]
+            assert all(block.linear.bias is None for block in mlp.layers.values())  # beta's
+            torch.testing.assert_close(stacked(x)[i], mlp(x[i]))
+        convs = [m for m in inception.modules() if isinstance(m, nn.Conv2d)]
+        shifts = [m for m in inception.modules() if isinstance(m, Shift)]
+        assert len(shifts) == len(convs) > 0 and all(c.bias is None for c in convs)
+        assert all(torch.all(s.bias == 0.5) for s in shifts)
+        assert inception(torch.rand(2, 1, 28, 28)).shape == (2, 3)
+    assert "shift" not in NORMS and "shift" not in NORM_LAYERS
 
 
 @pytest.mark.parametrize("norm", NEW_NORMS)
@@ -50,7 +181,7 @@ def test_every_norm_composes_with_every_model(compose_cfg, experiment, norm):
     """MNIST MLP, small and full BN-Inception: each builds with the norm and trains a step."""
     cfg = compose_cfg(f"experiment={experiment}", f"norm={norm}", "paths.output_dir=/tmp/x")
     run = parse_config(cfg)
-    model = instantiate(cfg.model)
+    model = build_network(run.model, Normalization.from_model(run.model))
     assert model.normalization.kind == norm
     kinds = {type(m) for m in model.modules()}
     expected = {
@@ -71,23 +202,29 @@ def test_every_norm_composes_with_every_model(compose_cfg, experiment, norm):
     assert all(m.bias is None for m in convs[:-1])  # the norm's beta replaces the bias
 
 
-def test_a_norm_without_its_settings_is_one_line(compose_cfg):
-    cfg = compose_cfg("experiment=mnist/bn", "model.norm=group_norm")
-    with pytest.raises(ConfigError, match="model.norm=group_norm needs model.group_norm"):
+@pytest.mark.parametrize("norm", [n for n, kind in NORMS.items() if kind.section is not None])
+def test_a_norm_without_its_settings_is_one_line(compose_cfg, norm):
+    """Checked once, by the schema: the networks take the settings as parsed."""
+    cfg = compose_cfg("experiment=mnist/bn", f"model.norm={norm}")
+    section = NORMS[norm].section
+    with pytest.raises(ConfigError, match=f"model.norm={norm} needs model.{section}"):
         parse_config(cfg)
-    with pytest.raises(ValueError, match="needs the settings `renorm`"):
-        Normalization.from_config("batch_renorm")
+
+
+def test_a_runs_normalization_is_its_model_configs(compose_cfg):
+    run = parse_config(compose_cfg("experiment=ics/noisy_bn", "model.bn.stats=ema"))
+    norm = Normalization.from_model(run.model)
+    assert (norm.kind, norm.settings) == ("noisy_bn", run.model.noise)
+    assert isinstance(norm.bn, BNStats) and norm.bn.stats == "ema"
+    run = parse_config(compose_cfg("experiment=mnist/bn", "norm=group_norm"))
+    assert Normalization.from_model(run.model) == Normalization("group_norm", run.model.group_norm)
 
 
 def test_group_count_divides_every_width():
-    norm = Normalization.from_config("group_norm", group_norm={"groups": 32, "eps": 1e-5})
+    norm = Normalization("group_norm", GroupNormSettings(groups=32, eps=1e-5))
     for channels, groups in [(64, 32), (100, 4), (48, 16), (24, 8), (7, 1)]:
         layer = norm.layers(channels)["norm"]
         assert (layer.num_groups, layer.num_channels) == (groups, channels)
-
-
-def kwargs(norm: str) -> dict:
-    return {"norm": norm, "bn": BN, **SETTINGS}
 
 
 @pytest.mark.parametrize("norm", ["none", "bn", "batch_renorm", "group_norm", "layer_norm"])
@@ -95,8 +232,8 @@ def test_stacked_members_compute_their_plain_networks(norm):
     mlps = []
     for seed in (1, 2):
         torch.manual_seed(seed)
-        mlps.append(MLP(**kwargs(norm)))
-    stacked = StackedMLP.from_members(mlps, **kwargs(norm))
+        mlps.append(MLP(norm=normalization(norm)))
+    stacked = StackedMLP.from_members(mlps, norm=normalization(norm))
     x, y = torch.rand(2, 32, 784), torch.randint(0, 10, (2, 32))
     for _ in range(2):  # the second step sees the running statistics the first one moved
         losses = member_losses(stacked.train()(x), y)
@@ -153,7 +290,8 @@ def test_new_norms_params_take_the_norm_weight_decay():
         norm_weight_decay=0.0,
         schedule=None,
     )
-    for model in (MLP(**kwargs("batch_renorm")), StackedMLP(2, **kwargs("layer_norm"))):
+    renorm, layer_norm = normalization("batch_renorm"), normalization("layer_norm")
+    for model in (MLP(norm=renorm), StackedMLP(2, norm=layer_norm)):
         groups = build_optimizer(model, cfg).param_groups
         norm_params = {id(p) for p in groups[1]["params"]}
         norms = [m for m in model.modules() if isinstance(m, BatchRenorm | StackedGroupNorm)]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from bnrepro.config.schema import OptimConfig, parse
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 from bnrepro.training.optim import build_optimizer, build_scheduler
 
 SETTINGS = {
@@ -26,11 +28,11 @@ def optim(**changes: object) -> OptimConfig:
 
 
 CFG = optim()
-BN = {"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 100}
+BN = Normalization("bn", bn=BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=100))
 
 
 def test_no_weight_decay_on_bn_parameters():
-    model = MLP(norm="bn", bn=BN)
+    model = MLP(norm=BN)
     optimizer = build_optimizer(model, CFG)
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     for name, module in model.named_modules():
@@ -57,7 +59,7 @@ def test_fused_sgd_gives_the_same_weights_as_the_loop():
     weights = []
     for fused in (False, True):
         torch.manual_seed(0)
-        model = MLP(norm="bn", bn=BN)
+        model = MLP(norm=BN)
         optimizer = build_optimizer(model, optim(momentum=0.0, fused=fused))
         assert optimizer.defaults["fused"] is (True if fused else None)
         for _ in range(5):

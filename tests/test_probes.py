@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from bnrepro.measures.probes import nonlinearity_input_percentiles
+from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
+from bnrepro.models.norms import Normalization
 
 PERCENTILES = [15, 50, 85]
+BN = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=1)
 
 
 def identity_mlp(norm: str = "none") -> MLP:
@@ -18,8 +21,7 @@ def identity_mlp(norm: str = "none") -> MLP:
         in_features=4,
         hidden=[4, 4],
         num_classes=3,
-        norm=norm,
-        bn={"stats": "ema", "momentum": 0.1, "eps": 1e-5, "population_batches": 1},
+        norm=Normalization(norm, bn=BN if norm == "bn" else None),
     )
     with torch.no_grad():
         for block in model.layers.values():

@@ -1,32 +1,44 @@
 """The reproduction report: intervals against scipy's, the verdict rule on hand-made results
-(a diverged run, a claim without data), and `make report` reproducing the committed report."""
+(a diverged run, a claim without data), a claim added as one record, the constants and the
+provenance it prints, and `make report` reproducing the committed report and README's counts."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 from scipy import stats
 
+from bnrepro.analysis import stats as stats_module
+from bnrepro.analysis.claims import CLAIMS, Claim, Finding, faster_than_inception
 from bnrepro.analysis.report import (
+    README_BEGIN,
+    README_END,
+    assess_claims,
+    build_report,
+    provenance,
+    with_readme_counts,
+)
+from bnrepro.analysis.stats import (
+    CONSTANTS,
     NOT_REPRODUCED,
     NOT_TESTED,
     PARTLY,
     REPRODUCED,
     Interval,
-    build_rows,
     combine,
     difference_interval,
-    follow_up_rows,
     mean_interval,
     verdict_difference,
     verdict_no_cost,
     verdict_outcomes,
     verdict_speedup,
 )
+from bnrepro.errors import UserError
 
 from .conftest import REPO
 
@@ -109,7 +121,7 @@ def write_figure3(results: Path) -> None:
 
 def test_verdicts_on_hand_made_results(tmp_path):
     write_figure3(tmp_path)
-    rows = {row.claim: row for row in build_rows(tmp_path)}
+    rows = {row.claim.claim: row for row in assess_claims(tmp_path)}
     # No MNIST, Fashion-MNIST or grid results here: those claims are not tested.
     assert rows["BN reaches higher accuracy (MNIST)"].verdict == NOT_TESTED
     assert rows["BN trains faster (Fashion-MNIST)"].verdict == NOT_TESTED
@@ -132,6 +144,10 @@ def test_verdicts_on_hand_made_results(tmp_path):
 def spread(mean: float) -> dict:
     """A JSON entry of three seeds around `mean` (sd 0.1)."""
     return {"values": [mean - 0.1, mean, mean + 0.1]}
+
+
+def follow_up_rows(results: Path) -> list:
+    return [row for row in assess_claims(results) if row.claim.follow_up]
 
 
 def test_follow_up_verdicts_on_hand_made_results(tmp_path):
@@ -172,7 +188,7 @@ def test_follow_up_verdicts_on_hand_made_results(tmp_path):
     (tmp_path / "batch_size").mkdir()
     (tmp_path / "batch_size" / "batch_size.json").write_text(json.dumps({"norms": norms}))
 
-    rows = {r.claim: r for r in follow_up_rows(tmp_path)}
+    rows = {r.claim.claim: r for r in follow_up_rows(tmp_path)}
     noisy = rows["Noisy BN (unstable distributions) trains about as well as BN, better than no BN"]
     assert noisy.verdict == REPRODUCED
     assert rows["BN does not reduce internal covariate shift"].verdict == REPRODUCED
@@ -186,13 +202,28 @@ def test_follow_up_verdicts_on_hand_made_results(tmp_path):
     usual = rows["At the usual batch size BN is at least as good as GroupNorm and LayerNorm"]
     assert usual.verdict == PARTLY and "LN - BN: 0.00" in usual.ours
     moving = "Moving averages serve at inference as well as Algorithm 2's population statistics"
-    assert {r.claim: r for r in build_rows(tmp_path)}[moving].verdict == REPRODUCED
+    assert {r.claim.claim: r for r in assess_claims(tmp_path)}[moving].verdict == REPRODUCED
 
 
-def test_make_report_reproduces_the_committed_report(tmp_path):
-    out = tmp_path / "REPORT.md"
+def test_make_report_reproduces_the_committed_report_and_readme_counts(tmp_path):
+    """`make report` on the committed results gives the committed REPORT.md byte for byte, and
+    rewrites a stale README block into the committed README's: its counts are current."""
+    readme = (REPO / "README.md").read_text()
+    begin, end = readme.index(README_BEGIN), readme.index(README_END)
+    stale = readme[: begin + len(README_BEGIN)] + "\n- 99 reproduced\n" + readme[end:]
+    (tmp_path / "README.md").write_text(stale)
+    out = tmp_path / "results" / "REPORT.md"  # as results/REPORT.md lies beside README.md
     proc = subprocess.run(
-        [sys.executable, "scripts/make_report.py", "--results", "results", "--out", str(out)],
+        [
+            sys.executable,
+            "scripts/make_report.py",
+            "--results",
+            "results",
+            "--out",
+            str(out),
+            "--readme",
+            str(tmp_path / "README.md"),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -200,3 +231,87 @@ def test_make_report_reproduces_the_committed_report(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == (REPO / "results" / "REPORT.md").read_bytes()
+    assert (tmp_path / "README.md").read_text() == readme
+    assert "12 reproduced, 3 partly, 1 not reproduced, 1 not tested here" in readme
+
+
+def test_report_lists_every_constant_of_the_rule():
+    report = (REPO / "results" / "REPORT.md").read_text()
+    names = {name for name, _, _ in CONSTANTS}
+    # Every upper-case number in stats.py is a constant of the rule: none left out of the list.
+    assert names == {
+        k for k, v in vars(stats_module).items() if k.isupper() and isinstance(v, int | float)
+    }
+    for name, value, _ in CONSTANTS:
+        assert getattr(stats_module, name) == value
+        assert f"- `{name}` = {value!r}: " in report
+
+
+def test_a_claim_added_in_process_is_rendered(tmp_path):
+    """Adding a claim is one record: here one reusing an estimator, and one with its own."""
+    write_figure3(tmp_path)
+    new = [
+        Claim(
+            26,
+            "BN-x5-Sigmoid trains faster than Inception",
+            "4.2.2, Fig. 3",
+            "no number",
+            ("fig2_small/figure3.json",),
+            partial(faster_than_inception, "bn_x5_sigmoid"),
+            "fig2_small/figure2.png",
+            "make reproduce-fig2-small",
+        ),
+        Claim(
+            27,
+            "Inception's best is at least 80 %",
+            "made up",
+            "80 %",
+            ("fig2_small/figure3.json",),
+            lambda figure3: Finding(f"{figure3['target']:g} %", REPRODUCED),
+            "",
+            "make reproduce-fig2-small",
+            follow_up=True,
+        ),
+    ]
+    report = build_report(tmp_path, [*CLAIMS, *new])
+    # 1000 / [750, never, 500] = [1.33, 0, 2]: mean 1.11 above 1, the interval is not.
+    assert (
+        "| 26 | BN-x5-Sigmoid trains faster than Inception | 4.2.2, Fig. 3 | no number | 1.11x "
+    ) in report
+    row_27 = "| 27 | Inception's best is at least 80 % | made up | 80 % | 80 % | **reproduced** |"
+    assert row_27 in report
+    # The counts include them: 8 claims from figure3.json above, plus 26 (partly).
+    paper, follow_up = report.split("## Follow-up claims")
+    assert "Verdicts: 5 reproduced, 4 partly, 0 not reproduced, 9 not tested here." in paper
+    assert "Verdicts: 1 reproduced, 0 partly, 0 not reproduced, 8 not tested here." in follow_up
+    assert "| `fig2_small/` | 7, 8, 9, 10, 11, 12, 13, 14, 26, 27 | 0 |" in report
+    with pytest.raises(ValueError, match="claim number 26 is used twice"):
+        build_report(tmp_path, [*CLAIMS, new[0], new[0]])
+
+
+def test_provenance_names_each_folders_commits(tmp_path):
+    """Per results folder, the commits of its runs' summaries; older runs: "not recorded"."""
+    for name, origin in [
+        ("a", {"commit": "abc1234", "dirty": True, "torch": "2.5.1"}),
+        ("b", {"commit": "def5678", "dirty": False, "torch": "2.5.1"}),
+        ("c", None),  # a run made before summaries recorded provenance
+    ]:
+        run = tmp_path / "ics" / "runs" / name
+        run.mkdir(parents=True)
+        summary = {"arm": "bn", "seed": 1, "status": "completed", "device": "cpu"}
+        (run / "summary.json").write_text(json.dumps(summary | {"provenance": origin}))
+        (run / "metrics.jsonl").write_text("")
+    rows = {line.split(" | ")[0]: line for line in provenance(tmp_path)}
+    assert rows["| `ics/`"] == (
+        "| `ics/` | 18, 19, 20 | 3 | abc1234+dirty, def5678, not recorded | 2.5.1, not recorded "
+        "| cpu |"
+    )
+    assert rows["| `mnist/`"].endswith("| 0 | - | - | - |")  # no runs there
+
+
+def test_readme_without_the_block_is_one_line_error():
+    with pytest.raises(UserError, match="README has no verdict-count block"):
+        with_readme_counts("# a README\n", "- 1 reproduced")
+    assert with_readme_counts(f"a\n{README_BEGIN}\nold\n{README_END}\nb\n", "new") == (
+        f"a\n{README_BEGIN}\nnew\n{README_END}\nb\n"
+    )

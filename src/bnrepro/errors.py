@@ -11,3 +11,7 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A config value of the wrong type or out of range."""
+
+
+class RunHeld(UserError):
+    """Another live process is training this run directory (bnrepro.infra.run_lock)."""

@@ -16,11 +16,14 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from bnrepro.config.resolvers import register_resolvers
 from bnrepro.config.schema import parse_config
-from bnrepro.errors import UserError
+from bnrepro.errors import RunHeld, UserError
 from bnrepro.infra.preflight import preflight
 from bnrepro.speedups.mkl_vendor import skip_vendor_check
 
@@ -29,6 +32,12 @@ log = logging.getLogger("bnrepro.train")
 # An absolute path, so `python -m bnrepro.train` and the `bnrepro-train` script find the same
 # configs (the package is installed editable from the checkout).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+class SweepJobHeld(CompactHydraException):
+    """A sweep's job whose run another process is training. Raised (not sys.exit) so that it
+    fails this job alone: Hydra runs the sweep's other jobs, then exits 1 printing this line
+    (exiting at once would end the sweep, and under joblib kill the jobs already running)."""
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -49,6 +58,8 @@ def main(cfg: DictConfig) -> None:
         finished = True
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, RunHeld) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise SweepJobHeld(f"error: {exc}") from None
         sys.exit(2)
     finally:
         if env is not None:

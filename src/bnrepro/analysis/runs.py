@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from bnrepro.config.schema import is_bn
+
 # The variant groups of the paper (configs/norm, activation, dropout, lr_mult) and the BN
 # statistics mode: what `summary.json` records as a run's "variant".
 VARIANT_KEYS = ("norm", "activation", "dropout", "lr_mult", "bn_stats")
@@ -50,7 +52,7 @@ class RunRecord:
                     "activation": model["activation"],
                     "dropout": model["dropout"],
                     "lr_mult": optim["lr_mult"],
-                    "bn_stats": model["bn"]["stats"] if model["norm"] == "bn" else None,
+                    "bn_stats": model["bn"]["stats"] if is_bn(model["norm"]) else None,
                 }
         raise ValueError(f"{self.path}: no variant in summary.json and no config.yaml beside it")
 
@@ -78,13 +80,18 @@ def find_runs(root: str | Path) -> list[RunRecord]:
 def provenance_of(runs: list[RunRecord]) -> dict[str, list[str]]:
     """The code, libraries and devices behind `runs` (their summaries' `provenance`), for the
     figure JSONs and the report: the distinct commits ("+dirty" when the tree had uncommitted
-    changes), torch versions and devices, sorted; "not recorded" for runs made before summaries
-    recorded it."""
+    changes, " (added)" when only the commit that added the run to results/ is known:
+    scripts/backfill_provenance.py), torch versions and devices, sorted; "not recorded" where
+    a summary has none."""
     commits, torches, devices = set(), set(), set()
     for run in runs:
         origin = run.summary.get("provenance") or {}
         commit = origin.get("commit") or "not recorded"
-        commits.add(commit + ("+dirty" if origin.get("dirty") else ""))
+        commits.add(
+            commit
+            + ("+dirty" if origin.get("dirty") else "")
+            + (" (added)" if "backfilled" in origin else "")
+        )
         torches.add(origin.get("torch") or "not recorded")
         devices.add(run.summary.get("device") or "not recorded")
     return {"commits": sorted(commits), "torch": sorted(torches), "devices": sorted(devices)}
@@ -221,14 +228,15 @@ def runs_from_wandb(project: str, metric: str) -> list[RunRecord]:
 def figure_command(
     description: str,
     name: str,
-    collect: Callable[[Path], dict[str, Any]],
+    collect: Callable[[list[RunRecord]], dict[str, Any]],
     plot: Callable[[dict[str, Any], Path], None],
     found: str,
     what: str,
 ) -> int:
     """The command line of a figure script: `--runs DIR --out DIR`; `collect(runs)` gives the
-    plotted numbers, written to <out>/<name>.json, and `plot` draws <out>/<name>.png. No runs
-    (nothing under `data[found]`) is one line naming `what` and exit status 2."""
+    plotted numbers, written with the runs' provenance to <out>/<name>.json, and `plot` draws
+    <out>/<name>.png. No runs (nothing under `data[found]`) is one line naming `what` and exit
+    status 2."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -236,10 +244,12 @@ def figure_command(
     if not args.runs.is_dir():
         print(f"error: {args.runs} is not a directory of runs", file=sys.stderr)
         return 2
-    data = collect(args.runs)
+    runs = find_runs(args.runs)
+    data = collect(runs)
     if not data[found]:
         print(f"error: no {what} under {args.runs}", file=sys.stderr)
         return 2
+    data["provenance"] = provenance_of(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     plot(data, args.out / f"{name}.png")

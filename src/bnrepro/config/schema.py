@@ -3,10 +3,11 @@
 Hydra composes the YAML in configs/ (where the values and their paper citations live);
 `parse_config` checks the composed config against the dataclasses below and returns one
 frozen `RunConfig`, which is what the code reads (`cfg.trainer.steps`, `cfg.model.bn.stats`).
-A value of the wrong type or out of range, a missing key or a misspelt one is one line
-(ConfigError) before any data is read or any file written. The models, tasks and loop do not
-check their settings again. The choices (activation, norm, BN statistics ...) are the
-`Literal` types here, and nowhere else.
+pydantic validates it: each field's type says what it may hold (strict: `true` is not an
+integer; a number's range, a list's length); a value of the wrong type or out of range, a
+missing key or a misspelt one is one line (ConfigError) before any data is read or any file
+written. The models, tasks and loop do not check their settings again. The choices (activation,
+norm, BN statistics ...) are the `Literal` types here, and nowhere else.
 
 The composed DictConfig stays the config as data: `RunConfig.source` is what is hashed for the
 run directory, saved beside each run and sent to W&B.
@@ -17,21 +18,33 @@ This module imports no torch: the launching process checks a command line with i
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from bnrepro.errors import ConfigError
 
 Activation = Literal["sigmoid", "relu"]
-# What normalises each layer before its nonlinearity (models/norms.py): the paper's BN, none,
-# and the alternatives of later work (issue 13): Batch Renormalization (Ioffe 2017), GroupNorm
-# (Wu & He 2018), LayerNorm, and BN followed by noise that shifts its output distribution at
-# every step (Santurkar et al. 2018).
-Norm = Literal["none", "bn", "batch_renorm", "group_norm", "layer_norm", "noisy_bn"]
 StatsMode = Literal["ema", "cumulative", "population"]  # BN inference statistics (batchnorm.py)
 Device = Literal["auto", "cpu", "cuda"]
 DistBN = Literal["reduce", "broadcast"]  # BN running statistics across ranks (distributed.py)
@@ -40,7 +53,38 @@ DistBN = Literal["reduce", "broadcast"]  # BN running statistics across ranks (d
 Decode = Literal["auto", "workers", "device"]
 # The rows of BN-Inception's appendix table (models/inception.INCEPTION_TABLE), in order.
 InceptionModule = Literal["3a", "3b", "3c", "4a", "4b", "4c", "4d", "4e", "5a", "5b"]
-CudaGraph = Literal["auto", True, False]
+_MODULES = get_args(InceptionModule)
+# pydantic's literals are lax (1 would be True): a strict bool beside "auto".
+CudaGraph = Literal["auto"] | StrictBool
+
+
+class NormKind(NamedTuple):
+    """What the config knows of one `model.norm` choice, without torch (its layers are
+    models/norms.NORM_LAYERS's entry of the same name)."""
+
+    section: str | None  # the model.* settings it needs besides model.norm and model.bn
+    is_bn: bool  # its layers are BN's, with inference statistics from model.bn (batchnorm.py)
+
+
+# What normalises each layer before its nonlinearity (models/norms.py): the paper's BN, none,
+# and the alternatives of later work (issue 13): Batch Renormalization (Ioffe 2017), GroupNorm
+# (Wu & He 2018), LayerNorm, and BN followed by noise that shifts its output distribution at
+# every step (Santurkar et al. 2018). Each norm's configs/norm/<norm>.yaml sets model.norm and
+# its section together. The one place that says which norms exist, and which are BN.
+NORMS: dict[str, NormKind] = {
+    "none": NormKind(section=None, is_bn=False),
+    "bn": NormKind(section=None, is_bn=True),  # model.bn, which every model config has
+    "batch_renorm": NormKind(section="renorm", is_bn=False),
+    "group_norm": NormKind(section="group_norm", is_bn=False),
+    "layer_norm": NormKind(section=None, is_bn=False),
+    "noisy_bn": NormKind(section="noise", is_bn=True),
+}
+Norm = Literal[tuple(NORMS)]  # the choices, from NORMS
+
+
+def is_bn(norm: str) -> bool:
+    """Whether `norm`'s layers are BN's, whose inference statistics come from model.bn."""
+    return NORMS[norm].is_bn
 
 
 def choices(kind: Any) -> tuple[Any, ...]:
@@ -48,74 +92,131 @@ def choices(kind: Any) -> tuple[Any, ...]:
     return get_args(kind)
 
 
-def rule(ok: Callable[[Any], bool], expected: str, key: str | None = None) -> Any:
-    """A field whose value must also pass `ok`; `expected` says what it must be. `key` is the
-    config's name for it where that is not a Python name (`_target_`)."""
-    return field(metadata={"ok": ok, "expected": expected, "key": key})
+def expect(expected: str) -> WrapValidator:
+    """Whatever fails in the type it annotates (its type, a Field's bounds, an `ok` check),
+    the error says the value must be `expected`: the setting's own words, and the whole list
+    rather than its one bad item."""
+    return WrapValidator(functools.partial(_expecting, expected))
 
 
-def _positive(expected: str = "a positive integer") -> Any:
-    return rule(lambda v: v > 0, expected)
+def _expecting(expected: str, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """pydantic's validation of `value` (`handler`), any failure one error saying `expected`."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "invalid", "expected {expected}", {"expected": expected}
+        ) from None
 
 
-def _at_least(low: int) -> Any:
-    return rule(lambda v: v >= low, f"an integer >= {low}")
+def ok(check: Callable[[Any], bool]) -> AfterValidator:
+    """A check pydantic has no constraint for (a [low, high] pair in order, distinct seeds)."""
+
+    def validate(value: Any) -> Any:
+        if not check(value):
+            raise ValueError("fails its check")
+        return value
+
+    return AfterValidator(validate)
+
+
+# Strict numbers (an int is a float's value, and becomes a float; true is neither).
+PositiveInt = Annotated[StrictInt, Field(gt=0), expect("a positive integer")]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0), expect("an integer >= 0")]
+# Two classes at least; two examples at least, for BN in training mode to have a variance.
+AtLeastTwo = Annotated[StrictInt, Field(ge=2), expect("an integer >= 2")]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0), expect("a positive number")]
+NonNegativeFloat = Annotated[StrictFloat, Field(ge=0), expect("a number >= 0")]
+# Dropout and SGD's momentum; decay and EMA factors.
+Fraction = Annotated[StrictFloat, Field(ge=0, lt=1), expect("a number in [0, 1)")]
+Rate = Annotated[StrictFloat, Field(gt=0, le=1), expect("a number in (0, 1]")]
+Pair = tuple[StrictFloat, StrictFloat]  # [low, high]: a list in the YAML
+
+
+class _Section:
+    """What every section of the schema shares: how pydantic reads it from a mapping.
+
+    Strictness is in the fields' types (StrictInt ...), not `ConfigDict(strict=True)`: strict
+    pydantic takes only an instance, never a mapping, for a dataclass. Unknown keys are refused
+    below rather than by `extra="forbid"`, whose error cannot name the section's settings."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_only(cls, node: Any) -> Any:
+        """The section's settings; other keys starting with `_` (Hydra's `_convert_`) are not
+        settings and are dropped, any other key is refused, naming the known ones."""
+        if not isinstance(node, Mapping):
+            return node  # pydantic says a mapping was expected
+        keys = _keys(cls)
+        unknown = sorted((k for k in node if k not in keys and not str(k).startswith("_")), key=str)
+        if unknown:
+            raise PydanticCustomError(
+                "not_a_setting",
+                "{key} is not a setting",
+                {"key": unknown[0], "settings": ", ".join(keys)},
+            )
+        return {k: v for k, v in node.items() if k in keys}
+
+
+@functools.cache
+def _keys(kind: type) -> tuple[str, ...]:
+    """The config's key of each field of `kind`: its alias (`_target_`), else its name."""
+    hints = get_type_hints(kind, include_extras=True)
+    aliases = {
+        f.name: m.alias
+        for f in dataclasses.fields(kind)
+        for m in getattr(hints[f.name], "__metadata__", ())
+        if isinstance(m, FieldInfo) and m.alias
+    }
+    return tuple(aliases.get(f.name, f.name) for f in dataclasses.fields(kind))
 
 
 @dataclass(frozen=True, kw_only=True)
-class BNSettings:
+class BNSettings(_Section):
     """model.bn: how BN's inference statistics are obtained (models/batchnorm.BNStats)."""
 
     stats: StatsMode
-    momentum: float  # torch's EMA momentum (ema; population trains with it, then discards it)
-    eps: float = _positive("a positive number")
-    population_batches: int = _positive()  # K of Algorithm 2
+    momentum: StrictFloat  # torch's EMA momentum (ema; population trains with it, then drops it)
+    eps: PositiveFloat
+    population_batches: PositiveInt  # K of Algorithm 2
 
 
 @dataclass(frozen=True, kw_only=True)
-class RenormSettings:
+class RenormSettings(_Section):
     """model.renorm (norm=batch_renorm): Algorithm 1 of Ioffe 2017 (models/batch_renorm.py)."""
 
-    r_max: float = rule(lambda v: v >= 1, "a number >= 1")
-    d_max: float = rule(lambda v: v >= 0, "a number >= 0")
-    warmup_steps: int = rule(lambda v: v >= 0, "an integer >= 0")  # r = 1, d = 0: plain BN
-    r_max_steps: int = rule(lambda v: v >= 0, "an integer >= 0")  # r_max reached at this step
-    d_max_steps: int = rule(lambda v: v >= 0, "an integer >= 0")  # d_max reached at this step
-    momentum: float = rule(lambda v: 0 < v <= 1, "a number in (0, 1]")  # the paper's alpha
-    eps: float = _positive("a positive number")
+    r_max: Annotated[StrictFloat, Field(ge=1), expect("a number >= 1")]
+    d_max: NonNegativeFloat
+    warmup_steps: NonNegativeInt  # r = 1, d = 0: plain BN
+    r_max_steps: NonNegativeInt  # r_max reached at this step
+    d_max_steps: NonNegativeInt  # d_max reached at this step
+    momentum: Rate  # the paper's alpha
+    eps: PositiveFloat
 
 
 @dataclass(frozen=True, kw_only=True)
-class GroupNormSettings:
+class GroupNormSettings(_Section):
     """model.group_norm (norm=group_norm): a layer of C channels gets gcd(C, groups) groups."""
 
-    groups: int = _positive()
-    eps: float = _positive("a positive number")
+    groups: PositiveInt
+    eps: PositiveFloat
 
 
 @dataclass(frozen=True, kw_only=True)
-class NoiseSettings:
+class NoiseSettings(_Section):
     """model.noise (norm=noisy_bn): what is drawn afresh at every step for each unit j of a
     BN layer's output z (models/norms.ActivationNoise): a scale s_j in [scale], a mean m_j in
     [-mean, mean] and a spread v_j in [0, std]; each activation becomes s_j z + m_j + v_j n,
     n standard normal per example."""
 
-    mean: float = rule(lambda v: v >= 0, "a number >= 0")
-    std: float = rule(lambda v: v >= 0, "a number >= 0")
-    scale: tuple[float, float] = rule(lambda v: 0 < v[0] <= v[1], "[low, high] with 0 < low")
-
-
-# The settings section each norm needs besides model.norm (set by its configs/norm/ file).
-NORM_SECTIONS = {
-    "bn": "bn",
-    "noisy_bn": "noise",
-    "batch_renorm": "renorm",
-    "group_norm": "group_norm",
-}
+    mean: NonNegativeFloat
+    std: NonNegativeFloat
+    scale: Annotated[Pair, ok(lambda v: 0 < v[0] <= v[1]), expect("[low, high] with 0 < low")]
 
 
 def _check_norm_settings(model: MLPConfig | InceptionConfig) -> None:
-    section = NORM_SECTIONS.get(model.norm)
+    """ConfigError unless the model config has the settings section its norm needs (NORMS)."""
+    section = NORMS[model.norm].section
     if section is not None and getattr(model, section) is None:
         raise ConfigError(
             f"model.norm={model.norm} needs model.{section}: choose the norm with its config "
@@ -124,17 +225,17 @@ def _check_norm_settings(model: MLPConfig | InceptionConfig) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MLPConfig:
+class MLPConfig(_Section):
     """model=mlp: the MNIST network of Section 4.1 (models/mlp.py)."""
 
-    target: Literal["bnrepro.models.mlp.MLP"] = rule(lambda v: True, "", key="_target_")
-    in_features: int = _positive()
-    hidden: list[int] = rule(lambda v: len(v) > 0 and min(v) > 0, "a list of positive integers")
-    num_classes: int = _at_least(2)
+    target: Annotated[Literal["bnrepro.models.mlp.MLP"], Field(alias="_target_")]
+    in_features: PositiveInt
+    hidden: Annotated[list[PositiveInt], Field(min_length=1), expect("a list of positive integers")]
+    num_classes: AtLeastTwo
     activation: Activation
     norm: Norm
-    dropout: float = rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
-    init_std: float = _positive("a positive number")
+    dropout: Fraction
+    init_std: PositiveFloat
     bn: BNSettings
     # Only with their norm (configs/norm/<norm>.yaml sets them).
     renorm: RenormSettings | None = None
@@ -151,26 +252,26 @@ class MLPConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class InceptionConfig:
+class InceptionConfig(_Section):
     """model=bn_inception: BN-Inception of Section 4.2 (models/inception.py)."""
 
-    target: Literal["bnrepro.models.inception.BNInception"] = rule(
-        lambda v: True, "", key="_target_"
-    )
-    num_classes: int = _at_least(2)
+    target: Annotated[Literal["bnrepro.models.inception.BNInception"], Field(alias="_target_")]
+    num_classes: AtLeastTwo
     norm: Norm
     activation: Activation
-    dropout: float = rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
-    lrn: bool
-    proj_4cd: int = _positive()
-    in_channels: int = _positive()
+    dropout: Fraction
+    lrn: StrictBool
+    proj_4cd: PositiveInt
+    in_channels: PositiveInt
     stem: Literal["imagenet", "small"]
-    width_mult: float = _positive("a positive number")
+    width_mult: PositiveFloat
     init_mode: Literal["fan_in", "fan_out"]
-    modules: list[InceptionModule] = rule(
-        lambda v: len(v) > 0 and _in_table_order(v),
-        f"a list of Inception modules in table order, from {', '.join(get_args(InceptionModule))}",
-    )
+    modules: Annotated[
+        list[InceptionModule],
+        Field(min_length=1),
+        ok(_in_table_order),
+        expect(f"a list of Inception modules in table order, from {', '.join(_MODULES)}"),
+    ]
     bn: BNSettings
     renorm: RenormSettings | None = None
     group_norm: GroupNormSettings | None = None
@@ -185,123 +286,125 @@ class InceptionConfig:
 
 
 def _in_table_order(modules: list[str]) -> bool:
-    order = [get_args(InceptionModule).index(m) for m in modules]
+    order = [_MODULES.index(m) for m in modules]
     return order == sorted(set(order))
 
 
 @dataclass(frozen=True, kw_only=True)
-class MNISTData:
+class MNISTData(_Section):
     """data=mnist or data=fashion_mnist: the in-memory IDX datasets (data/mnist.py)."""
 
     name: Literal["mnist", "fashion_mnist"]
-    root: str
-    download: bool
-    # BN in training mode needs at least two values per activation to have a variance.
-    batch_size: int = _at_least(2)
-    eval_batch_size: int = _positive()
-    verify_checksums: bool
-    sha256: dict[str, str]
+    root: StrictStr
+    download: StrictBool
+    batch_size: AtLeastTwo  # BN in training mode: two values per activation for a variance
+    eval_batch_size: PositiveInt
+    verify_checksums: StrictBool
+    sha256: Annotated[
+        dict[StrictStr, StrictStr], expect("a mapping of file names to sha256 digests")
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ImageNetData:
+class ImageNetData(_Section):
     """data=imagenet: JPEG folders, decoded in workers or on the device (data/imagenet.py)."""
 
     name: Literal["imagenet"]
-    root: str
-    image_size: int = _positive()
-    batch_size: int = _at_least(2)
-    workers: int = rule(lambda v: v >= 0, "an integer >= 0")
-    photometric: float = rule(lambda v: v >= 0, "a number >= 0")
+    root: StrictStr
+    image_size: PositiveInt
+    batch_size: AtLeastTwo
+    workers: NonNegativeInt
+    photometric: NonNegativeFloat
     decode: Decode
-    crop_scale: tuple[float, float] = rule(lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] in (0, 1]")
-    crop_ratio: tuple[float, float] = rule(lambda v: 0 < v[0] <= v[1], "[low, high], 0 < low")
+    crop_scale: Annotated[
+        Pair, ok(lambda v: 0 < v[0] <= v[1] <= 1), expect("[low, high] in (0, 1]")
+    ]
+    crop_ratio: Annotated[Pair, ok(lambda v: 0 < v[0] <= v[1]), expect("[low, high], 0 < low")]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Schedule:
+class Schedule(_Section):
     """optim.schedule: exponential decay of the learning rate (Section 4.2)."""
 
     name: Literal["exponential"]
-    gamma: float = rule(lambda v: 0 < v <= 1, "a number in (0, 1]")
-    base_every_steps: float = _positive("a positive number")
-    every_steps: float = _positive("a positive number")
+    gamma: Rate
+    base_every_steps: PositiveFloat
+    every_steps: PositiveFloat
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """optim: SGD with momentum; lr = base_lr * lr_mult (optim.py)."""
 
-    base_lr: float = _positive("a positive number")
-    lr_mult: int | float = _positive("a positive number")  # x1, x5, x30
-    lr: float = _positive("a positive number")
-    momentum: float = rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
-    weight_decay: float = rule(lambda v: v >= 0, "a number >= 0")
-    norm_weight_decay: float = rule(lambda v: v >= 0, "a number >= 0")
+    base_lr: PositiveFloat
+    # x1, x5, x30: an int stays an int (the variant figure scripts group runs by).
+    lr_mult: Annotated[PositiveInt | PositiveFloat, expect("a positive number")]
+    lr: PositiveFloat
+    momentum: Fraction
+    weight_decay: NonNegativeFloat
+    norm_weight_decay: NonNegativeFloat
     schedule: Schedule | None
     # Keys of one optim config only; the value says what their absence means.
-    nesterov: bool = False  # optim=inception
-    base_weight_decay: float | None = None  # optim=inception: weight_decay before the recipe's
-    fused: bool = False  # optim=sgd: torch's one-kernel update
+    nesterov: StrictBool = False  # optim=inception
+    base_weight_decay: StrictFloat | None = None  # optim=inception: before the recipe's divisor
+    fused: StrictBool = False  # optim=sgd: torch's one-kernel update
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig:
+class ProbeConfig(_Section):
     """trainer.probe: which unit's input distribution is traced (Figure 1 b, c)."""
 
-    unit: int = rule(lambda v: v >= 0, "an integer >= 0")
-    num_images: int = _positive()
-    percentiles: list[float] = rule(
-        lambda v: all(0 <= p <= 100 for p in v), "a list of numbers in [0, 100]"
-    )
+    unit: NonNegativeInt
+    num_images: PositiveInt
+    percentiles: Annotated[
+        list[Annotated[StrictFloat, Field(ge=0, le=100)]], expect("a list of numbers in [0, 100]")
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ICSConfig:
+class ICSConfig(_Section):
     """trainer.ics: internal covariate shift and the loss landscape along the gradient
     (Santurkar et al. 2018), measured at every `every`-th training step
     (bnrepro/measures/ics.py)."""
 
-    every: int = _positive()
+    every: PositiveInt
     # Step sizes along the gradient, as multiples of the learning rate.
-    step_scales: list[float] = rule(
-        lambda v: len(v) > 0 and min(v) > 0, "a list of positive numbers"
-    )
+    step_scales: Annotated[
+        list[PositiveFloat], Field(min_length=1), expect("a list of positive numbers")
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
-class BNStatsProbeConfig:
+class BNStatsProbeConfig(_Section):
     """trainer.bn_stats_probe: at every evaluation, the test accuracy of the same weights with
     each estimate of BN's inference statistics (bnrepro/measures/bn_estimators.py)."""
 
-    ema_momenta: list[float] = rule(
-        lambda v: all(0 < m <= 1 for m in v), "a list of numbers in (0, 1]"
-    )
-    population_batches: int = _positive()  # Algorithm 2's K
+    ema_momenta: Annotated[list[Rate], expect("a list of numbers in (0, 1]")]
+    population_batches: PositiveInt  # Algorithm 2's K
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainerConfig:
+class TrainerConfig(_Section):
     """trainer: how long, how often, on what, and how fast (loop.py, run.py)."""
 
-    steps: int = _positive()
-    eval_every: int = _positive()
-    eval_at_start: bool
-    num_threads: int = _positive()
-    flush_denormal: bool
-    mkl_skip_vendor_check: bool
+    steps: PositiveInt
+    eval_every: PositiveInt
+    eval_at_start: StrictBool
+    num_threads: PositiveInt
+    flush_denormal: StrictBool
+    mkl_skip_vendor_check: StrictBool
     device: Device
-    amp: Literal["bf16"] | None
-    channels_last: bool
-    compile: bool
-    sync_bn: bool
+    amp: Annotated[Literal["bf16"], expect("bf16 or null")] | None
+    channels_last: StrictBool
+    compile: StrictBool
+    sync_bn: StrictBool
     dist_bn: DistBN
-    cuda_graph: CudaGraph
-    cudnn_benchmark: bool
-    sync_every: int = _positive()
-    progress: bool
-    checkpoint_every: int = rule(lambda v: v >= 0, "an integer >= 0")
-    diverge_loss: float | None = rule(lambda v: v is None or v > 0, "null or a positive number")
+    cuda_graph: Annotated[CudaGraph, expect("auto or true or false")]
+    cudnn_benchmark: StrictBool
+    sync_every: PositiveInt
+    progress: StrictBool
+    checkpoint_every: NonNegativeInt
+    diverge_loss: Annotated[StrictFloat, Field(gt=0), expect("null or a positive number")] | None
     probe: ProbeConfig
     # Opt-in measurements of issue 13's experiments; absent (null) elsewhere.
     ics: ICSConfig | None = None
@@ -309,30 +412,38 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RecipeConfig:
+class RecipeConfig(_Section):
     """recipe: Section 4.2.1's switches, read by the optim, model and data configs."""
 
-    weight_decay_div: float = _positive("a positive number")
-    lr_decay_speedup: float = _positive("a positive number")
-    lrn: bool
-    photometric: float = rule(lambda v: v >= 0, "a number >= 0")
+    weight_decay_div: PositiveFloat
+    lr_decay_speedup: PositiveFloat
+    lrn: StrictBool
+    photometric: NonNegativeFloat
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
+class RunConfig(_Section):
     """One job's settings, typed: what `bnrepro.training.run.train` and everything below it read."""
 
-    experiment_name: str
-    arm: str
-    tags: list[str]
-    seed: int
-    seeds: list[int] | None = rule(
-        lambda v: v is None or (len(v) > 0 and len(set(v)) == len(v)),
-        "a list of distinct integers",
+    __pydantic_config__ = ConfigDict(arbitrary_types_allowed=True)  # `source`, a DictConfig
+
+    experiment_name: StrictStr
+    arm: StrictStr
+    tags: Annotated[list[StrictStr], expect("a list of strings")]
+    seed: StrictInt
+    seeds: (
+        Annotated[
+            list[StrictInt],
+            Field(min_length=1),
+            ok(lambda v: len(set(v)) == len(v)),
+            expect("a list of distinct integers"),
+        ]
+        | None
     )
-    resume: str = rule(lambda v: v != "", "auto, never or a checkpoint path")
-    data: MNISTData | ImageNetData
-    model: MLPConfig | InceptionConfig
+    resume: Annotated[StrictStr, Field(min_length=1), expect("auto, never or a checkpoint path")]
+    # Sections told apart by their tag: data.name, model._target_.
+    data: Annotated[MNISTData | ImageNetData, Field(discriminator="name")]
+    model: Annotated[MLPConfig | InceptionConfig, Field(discriminator="target")]
     optim: OptimConfig
     trainer: TrainerConfig
     recipe: RecipeConfig
@@ -377,56 +488,80 @@ class RunConfig:
             "activation": self.model.activation,
             "dropout": self.model.dropout,
             "lr_mult": self.optim.lr_mult,
-            "bn_stats": self.model.bn.stats if self.model.norm in ("bn", "noisy_bn") else None,
+            "bn_stats": self.model.bn.stats if is_bn(self.model.norm) else None,
         }
-
-
-_MISSING = object()  # a key the composed config lacks
 
 
 def parse_config(cfg: DictConfig) -> RunConfig:
     """The composed config as a checked, typed RunConfig; ConfigError for the first bad value."""
-    values: dict[str, Any] = {}
-    for name in (f.name for f in dataclasses.fields(RunConfig) if f.name != "source"):
-        node = cfg.get(name) if name in cfg else _MISSING
-        if OmegaConf.is_config(node):
-            node = OmegaConf.to_container(node, resolve=True)
-        values[name] = node
-    run = parse(RunConfig, values, "", exclude=("source",))
-    return dataclasses.replace(run, source=cfg)
+    values: dict[str, Any] = {"source": cfg}
+    for name in _keys(RunConfig):  # the free sections (logger, paths) are not read
+        if name in cfg and name != "source":
+            node = cfg.get(name)
+            values[name] = (
+                OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            )
+    return parse(RunConfig, values, "")
 
 
-def parse(kind: type, node: Any, where: str, exclude: tuple[str, ...] = ()) -> Any:
-    """Check the mapping `node` (the config at key `where`) against the dataclass `kind`."""
-    if not isinstance(node, Mapping):
-        _invalid(where, node, f"a mapping of {kind.__name__}'s settings")
-    hints = get_type_hints(kind)
-    fields = [f for f in dataclasses.fields(kind) if f.name not in exclude]
-    keys = {f.metadata.get("key") or f.name: f for f in fields}
-    unknown = sorted(k for k in node if k not in keys and not str(k).startswith("_"))
-    if unknown:
-        key = _join(where, unknown[0])
-        raise ConfigError(
-            f"{key} is not a setting (expected one of {', '.join(keys)}); check its spelling"
-        )
-    values = {}
-    for key, f in keys.items():
-        path = _join(where, key)
-        if (key not in node or node[key] is _MISSING) and f.default is not dataclasses.MISSING:
-            values[f.name] = f.default  # a key only some configs of the group have
-            continue
-        if key not in node or node[key] is _MISSING:
-            raise ConfigError(f"{path} is missing; every config of {where or 'the run'} sets it")
-        value = node[key]
-        expected = f.metadata.get("expected") or _describe(hints[f.name])
-        if not _fits(value, hints[f.name]):
-            _invalid(path, value, expected)
-        value = _convert(value, hints[f.name], path)
-        ok = f.metadata.get("ok")
-        if ok is not None and value is not None and not ok(value):
-            _invalid(path, node[key], expected)
-        values[f.name] = value
-    return kind(**values)
+T = TypeVar("T")
+
+
+def parse(kind: type[T], node: Any, where: str) -> T:
+    """The mapping `node`, the config's section at key `where` ("" for the whole config),
+    validated by pydantic as the dataclass `kind`; ConfigError naming its first bad key."""
+    try:
+        return _adapter(kind).validate_python(node)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0], node, where)) from None
+
+
+_adapter = functools.cache(TypeAdapter)  # a validator per class, built on its first use
+
+
+def _one_line(error: ErrorDetails, node: Any, where: str) -> str:
+    """pydantic's error as the line a user reads: the full dotted key, the value given and
+    what it must be."""
+    kind, loc, ctx, value = error["type"], error["loc"], error.get("ctx") or {}, error["input"]
+    if kind.startswith("union_tag"):
+        # A section's tag (data.name, model._target_: an alias, which pydantic names last).
+        loc = (*loc, re.findall(r"'(\w+)'", ctx["discriminator"])[-1])
+        kind = "missing" if kind == "union_tag_not_found" else "literal_error"
+        value, ctx = ctx.get("tag"), {"expected": ctx.get("expected_tags", "")}
+    if kind == "missing":
+        section = _key(loc[:-1], node, where)
+        key = _join(section, str(loc[-1]))
+        return f"{key} is missing; every config of {section or 'the run'} sets it"
+    if kind == "not_a_setting":
+        key = _key((*loc, ctx["key"]), node, where)
+        return f"{key} is not a setting (expected one of {ctx['settings']}); check its spelling"
+    if kind == "literal_error":  # pydantic's "'ema', 'cumulative' or 'population'"
+        expected = re.sub(r"'([^']*)'", r"\1", ctx["expected"]).replace(", ", " or ")
+    else:
+        expected = ctx.get("expected") or _EXPECTED.get(kind) or error["msg"].lower()
+    return f"{_key(loc, node, where)}={value!r} is invalid: expected {expected}."
+
+
+# What a value must be, by pydantic's error type where its `ctx` does not say.
+_EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "dataclass_type": "a mapping of settings",
+    "model_attributes_type": "a mapping of settings",
+}
+
+
+def _key(loc: tuple[int | str, ...], node: Any, where: str) -> str:
+    """The dotted config key of pydantic's error location in `node`. pydantic puts the tag of
+    a union's member into it (model.bnrepro.models.mlp.MLP.hidden): not a key, left out."""
+    key = where
+    for part in loc:
+        if isinstance(node, Mapping) and part in node or isinstance(node, list):
+            node = node[part]
+            key = _join(key, str(part))
+    return key
 
 
 def _join(where: str, key: str) -> str:
@@ -435,97 +570,3 @@ def _join(where: str, key: str) -> str:
 
 def _invalid(key: str, value: Any, expected: str) -> None:
     raise ConfigError(f"{key}={value!r} is invalid: expected {expected}.")
-
-
-def _members(kind: Any) -> tuple[Any, ...]:
-    """The alternatives of a union (X | Y, Optional[X]); (kind,) otherwise."""
-    if get_origin(kind) in (Union, types.UnionType):
-        return get_args(kind)
-    return (kind,)
-
-
-def _tag(kind: type) -> tuple[str, tuple[Any, ...]]:
-    """A dataclass's discriminating field: its first Literal one (data.name, model._target_)."""
-    hints = get_type_hints(kind)
-    for f in dataclasses.fields(kind):
-        if get_origin(hints[f.name]) is Literal:
-            return f.metadata.get("key") or f.name, get_args(hints[f.name])
-    raise TypeError(f"{kind.__name__} has no Literal field to tell it apart")
-
-
-def _fits(value: Any, kind: Any) -> bool:
-    """Whether `value` has the type `kind` (dataclasses are checked when converted)."""
-    if kind is Any:
-        return True
-    if len(_members(kind)) > 1:
-        return any(_fits(value, k) for k in _members(kind))
-    if kind is type(None):
-        return value is None
-    if dataclasses.is_dataclass(kind) or kind is DictConfig:
-        return isinstance(value, Mapping)
-    origin = get_origin(kind)
-    if origin is Literal:  # `True == 1`: compare types too
-        return any(value == c and type(value) is type(c) for c in get_args(kind))
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            return False
-        args = get_args(kind)
-        if origin is tuple:
-            return len(value) == len(args) and all(map(_fits, value, args))
-        return all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, Mapping)
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _convert(value: Any, kind: Any, where: str) -> Any:
-    """`value` as `kind`: nested dataclasses parsed, numbers of float fields as floats."""
-    if value is None:
-        return None
-    members = [k for k in _members(kind) if k is not type(None)]
-    classes = [k for k in members if dataclasses.is_dataclass(k)]
-    if classes:
-        if len(classes) == 1:
-            return parse(classes[0], value, where)
-        for k in classes:  # a union of sections: the one whose tag the value names
-            key, tags = _tag(k)
-            if value.get(key) in tags:
-                return parse(k, value, where)
-        names = " or ".join(str(t) for k in classes for t in _tag(k)[1])
-        _invalid(_join(where, _tag(classes[0])[0]), value.get(_tag(classes[0])[0]), names)
-    kind = members[0]
-    origin = get_origin(kind)
-    if kind is float:
-        return float(value)
-    if origin is tuple:
-        return tuple(_convert(v, k, where) for v, k in zip(value, get_args(kind), strict=True))
-    if origin is list:
-        return [_convert(v, get_args(kind)[0], where) for v in value]
-    return value
-
-
-def _describe(kind: Any) -> str:
-    """What a value of type `kind` is, in the words of an error line."""
-    members = _members(kind)
-    if len(members) > 1:
-        return " or ".join(_describe(k) for k in members)
-    if kind is type(None):
-        return "null"
-    if get_origin(kind) is Literal:
-        return " or ".join(
-            str(c).lower() if isinstance(c, bool) else str(c) for c in get_args(kind)
-        )
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    if kind in names:
-        return names[kind]
-    if get_origin(kind) is list:
-        return f"a list of {_describe(get_args(kind)[0]).removeprefix('an ').removeprefix('a ')}s"
-    if get_origin(kind) is tuple:
-        return f"a list of {len(get_args(kind))} numbers"
-    return "a mapping"

@@ -85,6 +85,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     torch_device = pick_device(device, local_rank)
     if "WORLD_SIZE" not in os.environ:  # a plain process: no launcher, no process group
         return DistEnv(device=torch_device)
+    # The device is checked here, not in a Placement: the process group comes before a run's
+    # Placement (training/placement.py, made from this DistEnv); NCCL runs on GPUs only.
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     if not dist.is_initialized():
@@ -196,5 +198,5 @@ def wrap_model(model: nn.Module, env: DistEnv, sync_bn: bool) -> nn.Module:
         return model
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    device_ids = [env.device.index] if env.device.type == "cuda" else None  # DDP's rule for GPUs
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **_RANK_LOCAL_BUFFERS)

@@ -3,19 +3,21 @@
 Hydra reports an unknown key or config group with a multi-line message and a hint about
 HYDRA_FULL_ERROR, and only once the job starts (after a multirun has launched every other
 job). Here the overrides are composed the way Hydra will compose them (every value of a sweep
-is tried), each config is checked, and the run directory must be writable; the first problem
-becomes one ConfigError line.
+is tried), each config is checked, the run directory must be writable and a SLURM launcher
+needs SLURM on this machine; the first problem becomes one ConfigError line.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
 
 from bnrepro.config.schema import parse_config
 from bnrepro.errors import ConfigError
@@ -107,6 +109,26 @@ def check_writable(path: Path) -> None:
         ) from exc
 
 
+SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """A SLURM launcher (hydra/launcher=slurm or submitit_slurm) needs SLURM's commands on this
+    machine: submitit submits with sbatch and first looks for srun, else raises a RuntimeError
+    (a traceback) once the sweep directory exists. Here it is one line that says what to do."""
+    if cfg.hydra.launcher.get("_target_") != SLURM_LAUNCHER:
+        return
+    missing = [command for command in ("sbatch", "srun") if shutil.which(command) is None]
+    if missing:
+        choice = cfg.hydra.runtime.choices.get("hydra/launcher", "slurm")
+        raise ConfigError(
+            f"hydra/launcher={choice} submits the jobs to SLURM, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH here (no SLURM on this "
+            f"machine); run the sweep on a SLURM login node, or here with "
+            f"hydra/launcher=joblib or hydra/launcher=local_procs"
+        )
+
+
 def preflight(argv: list[str], config_dir: str, config_name: str = "train") -> None:
     """Raise ConfigError for the first problem of the command line `argv`."""
     if any(a.split("=")[0] in HYDRA_ONLY for a in argv):
@@ -122,5 +144,7 @@ def preflight(argv: list[str], config_dir: str, config_name: str = "train") -> N
                     raise ConfigError(one_line(exc)) from exc
                 parse_config(cfg)
                 check_writable(Path(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+                if multirun:  # a single run ignores the launcher
+                    check_launcher(cfg)
     finally:
         GlobalHydra.instance().clear()

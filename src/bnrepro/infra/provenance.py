@@ -23,8 +23,9 @@ from bnrepro.config.resolvers import repo_root
 @functools.cache
 def code_version(root: str | None = None) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout at `root` (default: the one this package runs from);
-    (None, None) outside a git checkout. Dirty: tracked files differ from the commit (untracked
-    and ignored files, such as logs/ and .venv/, do not count)."""
+    (None, None) outside a git checkout. Dirty: tracked files outside results/ differ from the
+    commit. Untracked and ignored files (logs/, .venv/) do not count, nor does results/, which
+    the suite's own `make reproduce-*` targets rewrite between the sweeps of one session."""
     cwd = root or repo_root()
 
     def git(*args: str) -> str:
@@ -35,7 +36,7 @@ def code_version(root: str | None = None) -> tuple[str | None, bool | None]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, dirty

@@ -1,7 +1,8 @@
 """How BN's inference statistics are obtained: the three modes the paper and PyTorch offer.
 
-`BNStats` holds a network's choice (the config's ``model.bn``), builds its BN layers and
-refreshes their statistics before an evaluation.
+`BNStats` holds a network's choice (the config's ``model.bn``), builds its BN layers (torch's,
+or `StackedBatchNorm` for seeds stacked in one StackedMLP) and refreshes their statistics
+before an evaluation.
 
 - ``ema``: PyTorch's exponential moving average (``model.bn.momentum``, unbiased variance).
 - ``cumulative``: the plain average over every training batch seen (``momentum=None``).
@@ -66,6 +67,11 @@ class BNStats(BNSettings):
         layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
         return layer(num_features, eps=self.eps, momentum=self.layer_momentum)
 
+    def stacked_layer(self, members: int, features: int) -> StackedBatchNorm:
+        """The BN layer of `members` stacked MLPs' (M, F, B) activations (models/stacked_mlp.py),
+        one channel per member and feature."""
+        return StackedBatchNorm(members, features, eps=self.eps, momentum=self.layer_momentum)
+
     def refresh(
         self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None
     ) -> None:
@@ -78,18 +84,17 @@ class BNStats(BNSettings):
         recompute_population_stats(model, batches, self.population_batches)
 
 
-# The norms whose layers are torch's BN, with inference statistics from `model.bn`.
-BN_NORMS = ("bn", "noisy_bn")
+class StackedBatchNorm(nn.BatchNorm1d):
+    """BN per member and feature of (M, F, B) activations, as channels of a (1, M*F, B) view:
+    torch's own kernel, statistics over each member's B examples, members never mixed. Member
+    i's statistics and gamma, beta are entries i*F .. (i+1)*F - 1."""
 
+    def __init__(self, members: int, features: int, eps: float, momentum: float | None) -> None:
+        super().__init__(members * features, eps=eps, momentum=momentum)
+        self.members, self.features = members, features
 
-def network_bn(norm: str, bn: Mapping[str, Any] | BNSettings | None) -> BNStats | None:
-    """The BN settings of a network with `norm`: BNStats for BN's norms (bn, noisy_bn; `bn` is
-    then required), None otherwise. A given `bn` is checked either way, so a bad config fails
-    on any norm."""
-    settings = None if bn is None else BNStats.from_config(bn)
-    if norm in BN_NORMS and settings is None:
-        raise ValueError(f"norm={norm!r} needs the BN settings `bn` (the config's model.bn)")
-    return settings if norm in BN_NORMS else None
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return super().forward(h.reshape(1, -1, h.shape[-1])).view_as(h)
 
 
 def recompute_population_stats(

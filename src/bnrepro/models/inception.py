@@ -32,13 +32,11 @@ Choices the paper leaves open, or gets wrong:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import ACTIVATIONS
 from bnrepro.models.norms import Normalization
 
@@ -164,14 +162,13 @@ class InceptionModule(nn.Module):
 class BNInception(nn.Module):
     """BN-Inception of Section 4.2 and the appendix: stem, Inception 3a..5b, avg pool, linear.
 
-    `norm="bn"` puts BN before every nonlinearity (Section 3.2); `norm="none"` is the plain
-    Inception baseline with conv biases. `activation="sigmoid"` gives BN-x5-Sigmoid
+    `norm` (models/norms.Normalization: model.norm with its settings, built once per run) makes
+    the layers between every convolution and its nonlinearity: BN (Section 3.2), nothing for
+    the plain Inception baseline with conv biases, or another norm of models/norms.py in BN's
+    place; kept as `self.normalization`. `activation="sigmoid"` gives BN-x5-Sigmoid
     (Section 4.2.2). `lrn` and `dropout` restore what Section 4.2.1 removes from the original
     Inception: local response normalisation after the first pool and after the stem's 3x3
-    conv, and dropout (40 % originally) before the classifier. The other norms of
-    models/norms.py (group_norm, layer_norm, batch_renorm, noisy_bn) take BN's place with the
-    settings they need (`renorm`, `group_norm`, `noise`); `bn` (the config's model.bn, or a
-    BNStats) is required with bn and noisy_bn; `self.bn_stats` keeps it (None without BN).
+    conv, and dropout (40 % originally) before the classifier.
 
     Stages are kept in `self.stages` under the table's names (conv1, pool1, conv2_reduce,
     conv2, pool2, 3a .. 5b), so `stage_outputs` can report each one.
@@ -185,24 +182,20 @@ class BNInception(nn.Module):
     def __init__(
         self,
         num_classes: int = 1000,
-        norm: str = "bn",
+        *,
+        norm: Normalization,
         activation: str = "relu",
         dropout: float = 0.0,
         lrn: bool = False,
         proj_4cd: int = 96,
-        bn: Mapping[str, Any] | BNStats | None = None,
         in_channels: int = 3,
         stem: str = "imagenet",
         width_mult: float = 1.0,
         modules: Sequence[str] = tuple(INCEPTION_TABLE),
         init_mode: str = "fan_in",
-        renorm: Mapping[str, Any] | None = None,
-        group_norm: Mapping[str, Any] | None = None,
-        noise: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.normalization = Normalization.from_config(norm, bn, renorm, group_norm, noise)
-        self.bn_stats = self.normalization.bn
+        self.normalization = norm
         self.activation = activation
         self.init_mode = init_mode
         unit = {"activation": activation, "norm": self.normalization}

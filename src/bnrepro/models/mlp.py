@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import Tensor, nn
 
 from bnrepro.config.schema import Activation, choices
-from bnrepro.models.batchnorm import BNStats
-from bnrepro.models.norms import Normalization
+from bnrepro.models.norms import NO_NORM, Normalization
 
 ACTIVATIONS = dict(zip(choices(Activation), (nn.Sigmoid, nn.ReLU), strict=True))
 
@@ -58,9 +56,8 @@ def init_gaussian(linears: Iterable[nn.Module], init_std: float) -> None:
 class MLP(nn.Module):
     """Fully connected hidden layers h1..hN (see `mlp_layers`) and a linear classifier.
 
-    `norm` and the settings it needs (`bn` for bn and noisy_bn, `renorm`, `group_norm`,
-    `noise`: the config's model.* sections) make `self.normalization` (models/norms.py);
-    `self.bn_stats` is its BNStats (None without BN).
+    `norm` (models/norms.Normalization: model.norm with its settings, built once per run)
+    makes the layers between each linear map and its activation; kept as `self.normalization`.
     """
 
     def __init__(
@@ -69,17 +66,12 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (100, 100, 100),
         num_classes: int = 10,
         activation: str = "sigmoid",
-        norm: str = "none",
+        norm: Normalization = NO_NORM,
         dropout: float = 0.0,
         init_std: float = 0.1,
-        bn: Mapping[str, Any] | BNStats | None = None,
-        renorm: Mapping[str, Any] | None = None,
-        group_norm: Mapping[str, Any] | None = None,
-        noise: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.normalization = Normalization.from_config(norm, bn, renorm, group_norm, noise)
-        self.bn_stats = self.normalization.bn
+        self.normalization = norm
         self.layers, self.classifier = mlp_layers(
             in_features,
             hidden,

@@ -1,8 +1,9 @@
 """What normalises a layer before its nonlinearity: the config's `model.norm` and its settings.
 
-`Normalization` is built once per network from the model's config and makes the layers that
-sit between each linear map (or convolution) and its nonlinearity, for plain networks and
-for the stacked MLP (models/stacked_mlp.py):
+`Normalization` is built once per run from the checked model config (training/run.py) and
+handed to the network; it makes the layers that sit between each linear map (or convolution)
+and its nonlinearity, for plain networks and for the stacked MLP (models/stacked_mlp.py), from
+the table `NORM_LAYERS`:
 
 - ``none``: nothing (the linear map keeps its bias).
 - ``bn``: the paper's BN (models/batchnorm.py), module name ``bn``.
@@ -15,13 +16,18 @@ for the stacked MLP (models/stacked_mlp.py):
   and beta (Wu & He's definition; ``nn.LayerNorm`` would need H and W when built).
 
 Every norm but ``none`` has a beta, which replaces the linear map's bias (Section 3.2).
+
+Which norms exist, the settings section each reads and which are BN is config.schema.NORMS
+(torch-free). A new norm touches four files: configs/norm/<norm>.yaml (model.norm and its
+section), config/schema.py (its settings class, its NORMS entry, the section's field on the
+model configs), its module under models/, and its NORM_LAYERS entry here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,15 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnrepro.config.schema import (
-    NORM_SECTIONS,
-    GroupNormSettings,
-    NoiseSettings,
-    RenormSettings,
-    parse,
-)
+from bnrepro.config.schema import NORMS, InceptionConfig, MLPConfig, NoiseSettings
 from bnrepro.models.batch_renorm import BatchRenorm, StackedBatchRenorm
-from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.models.batchnorm import BNStats
 
 
 class ActivationNoise(nn.Module):
@@ -135,38 +135,28 @@ def groups_for(channels: int, groups: int) -> int:
 
 @dataclass(frozen=True)
 class Normalization:
-    """A network's normalisation: the kind (model.norm) and the settings it needs, checked."""
+    """A network's normalisation, built once per run from the checked model config
+    (`from_model`) and handed to the network, which makes its layers with it.
+
+    `kind` is model.norm; `settings` the section it reads besides model.bn (NORMS: model.renorm,
+    model.group_norm, model.noise; None for the others); `bn` the BN layers' inference
+    statistics (model.bn) for BN's kinds (bn, noisy_bn), None for the others.
+    """
 
     kind: str
-    bn: BNStats | None = None  # the BN layers' inference statistics (bn, noisy_bn)
-    renorm: RenormSettings | None = None
-    group_norm: GroupNormSettings | None = None
-    noise: NoiseSettings | None = None
-    layer_norm_eps: float = 1e-5  # torch's default
+    settings: Any = None
+    bn: BNStats | None = None
 
     @classmethod
-    def from_config(
-        cls,
-        norm: str,
-        bn: Mapping[str, Any] | BNStats | None = None,
-        renorm: Mapping[str, Any] | RenormSettings | None = None,
-        group_norm: Mapping[str, Any] | GroupNormSettings | None = None,
-        noise: Mapping[str, Any] | NoiseSettings | None = None,
-    ) -> Normalization:
-        """From the model config's keys; ValueError when `norm` lacks its settings."""
-        sections = {
-            "renorm": (renorm, RenormSettings),
-            "group_norm": (group_norm, GroupNormSettings),
-            "noise": (noise, NoiseSettings),
-        }
-        parsed = {
-            name: value if value is None or isinstance(value, kind) else parse(kind, value, name)
-            for name, (value, kind) in sections.items()
-        }
-        needed = NORM_SECTIONS.get(norm)
-        if needed not in (None, "bn") and parsed[needed] is None:
-            raise ValueError(f"norm={norm!r} needs the settings `{needed}` (model.{needed})")
-        return cls(kind=norm, bn=network_bn(norm, bn), **parsed)
+    def from_model(cls, model: MLPConfig | InceptionConfig) -> Normalization:
+        """The normalisation of a checked model config (RunConfig.model): the one place a
+        run's model.bn becomes its BNStats."""
+        kind = NORMS[model.norm]
+        return cls(
+            kind=model.norm,
+            settings=None if kind.section is None else getattr(model, kind.section),
+            bn=BNStats.from_config(model.bn) if kind.is_bn else None,
+        )
 
     @property
     def has_beta(self) -> bool:
@@ -176,49 +166,92 @@ class Normalization:
     def layers(self, features: int, dims: int = 1) -> dict[str, nn.Module]:
         """The modules between a linear map (dims=1, (N, C) input) or a convolution (dims=2,
         (N, C, H, W)) and its nonlinearity, by module name, in order."""
-        kind = self.kind
-        if kind == "none":
-            return {}
-        if kind in ("bn", "noisy_bn"):
-            out: dict[str, nn.Module] = {"bn": self.bn.layer(features, dims)}
-            if kind == "noisy_bn":
-                out["noise"] = ActivationNoise(self.noise)
-            return out
-        if kind == "batch_renorm":
-            return {"norm": BatchRenorm(features, **vars(self.renorm))}
-        if kind == "group_norm":
-            groups = groups_for(features, self.group_norm.groups)
-            return {"norm": nn.GroupNorm(groups, features, eps=self.group_norm.eps)}
-        if kind == "layer_norm":
-            if dims == 1:
-                return {"norm": nn.LayerNorm(features, eps=self.layer_norm_eps)}
-            return {"norm": nn.GroupNorm(1, features, eps=self.layer_norm_eps)}
-        raise ValueError(f"unknown norm {kind!r}")
+        return NORM_LAYERS[self.kind].plain(self, features, dims)
 
     def stacked_layers(self, members: int, features: int) -> dict[str, nn.Module]:
         """The same modules for `members` stacked MLPs' feature-major (M, F, B) activations."""
-        from bnrepro.models.stacked_mlp import StackedBatchNorm  # stacked_mlp imports us
+        return NORM_LAYERS[self.kind].stacked(self, members, features)
 
-        kind = self.kind
-        if kind == "none":
-            return {}
-        if kind in ("bn", "noisy_bn"):
-            bn = StackedBatchNorm(
-                members, features, eps=self.bn.eps, momentum=self.bn.layer_momentum
-            )
-            out: dict[str, nn.Module] = {"bn": bn}
-            if kind == "noisy_bn":
-                out["noise"] = ActivationNoise(self.noise, stacked=True)
-            return out
-        if kind == "batch_renorm":
-            return {"norm": StackedBatchRenorm(members, features, **vars(self.renorm))}
-        if kind == "group_norm":
-            groups = groups_for(features, self.group_norm.groups)
-            return {"norm": StackedGroupNorm(members, features, groups, self.group_norm.eps)}
-        if kind == "layer_norm":
-            return {"norm": StackedGroupNorm(members, features, None, self.layer_norm_eps)}
-        raise ValueError(f"unknown norm {kind!r}")
 
+NO_NORM = Normalization("none")  # nothing between the linear maps and their activations
+
+# (norm, features, dims) -> modules for plain networks; (norm, members, features) for stacked.
+LayerMaker = Callable[[Normalization, int, int], dict[str, nn.Module]]
+
+
+@dataclass(frozen=True)
+class NormLayers:
+    """One norm kind's modules: `plain(norm, features, dims)` for MLP and BN-Inception,
+    `stacked(norm, members, features)` for StackedMLP, whose member i must compute what
+    `plain` computes with member i's weights (tests/test_norms.py)."""
+
+    plain: LayerMaker
+    stacked: LayerMaker
+
+
+# Each kind's makers. layer_norm has no settings section: torch's default eps.
+LAYER_NORM_EPS = 1e-5
+
+
+def _none(norm: Normalization, *shape: int) -> dict[str, nn.Module]:
+    return {}
+
+
+def _bn(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
+    return {"bn": norm.bn.layer(features, dims)}
+
+
+def _stacked_bn(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
+    return {"bn": norm.bn.stacked_layer(members, features)}
+
+
+def _noisy_bn(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
+    return _bn(norm, features, dims) | {"noise": ActivationNoise(norm.settings)}
+
+
+def _stacked_noisy_bn(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
+    noise = ActivationNoise(norm.settings, stacked=True)
+    return _stacked_bn(norm, members, features) | {"noise": noise}
+
+
+def _batch_renorm(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
+    return {"norm": BatchRenorm(features, **vars(norm.settings))}
+
+
+def _stacked_batch_renorm(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
+    return {"norm": StackedBatchRenorm(members, features, **vars(norm.settings))}
+
+
+def _group_norm(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
+    groups = groups_for(features, norm.settings.groups)
+    return {"norm": nn.GroupNorm(groups, features, eps=norm.settings.eps)}
+
+
+def _stacked_group_norm(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
+    groups = groups_for(features, norm.settings.groups)
+    return {"norm": StackedGroupNorm(members, features, groups, norm.settings.eps)}
+
+
+def _layer_norm(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
+    if dims == 1:
+        return {"norm": nn.LayerNorm(features, eps=LAYER_NORM_EPS)}
+    return {"norm": nn.GroupNorm(1, features, eps=LAYER_NORM_EPS)}  # LayerNorm over (C, H, W)
+
+
+def _stacked_layer_norm(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
+    return {"norm": StackedGroupNorm(members, features, None, LAYER_NORM_EPS)}
+
+
+# Each `model.norm` kind's layers, plain and stacked: the torch side of config.schema.NORMS,
+# keyed the same (tests/test_norms.py checks that the two agree).
+NORM_LAYERS: dict[str, NormLayers] = {
+    "none": NormLayers(_none, _none),
+    "bn": NormLayers(_bn, _stacked_bn),
+    "noisy_bn": NormLayers(_noisy_bn, _stacked_noisy_bn),
+    "batch_renorm": NormLayers(_batch_renorm, _stacked_batch_renorm),
+    "group_norm": NormLayers(_group_norm, _stacked_group_norm),
+    "layer_norm": NormLayers(_layer_norm, _stacked_layer_norm),
+}
 
 # The modules whose gamma and beta take optim.norm_weight_decay (optim.py), besides torch's.
 NORM_CLASSES = (BatchRenorm, StackedGroupNorm)

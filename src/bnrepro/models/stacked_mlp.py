@@ -3,22 +3,22 @@
 Member i of a StackedMLP computes exactly what an `MLP` with member i's weights computes;
 the members share nothing but the kernels. Activations are kept feature-major, (M, F, B):
 each layer is one batched matrix product W (M, out, in) @ h (M, in, B), and BN is torch's own
-kernel on the free view (1, M*F, B), one channel per member and feature with statistics over
-the B examples, so no layer copies or transposes anything and members never mix.
+kernel on the free view (1, M*F, B) (models/batchnorm.StackedBatchNorm), one channel per member
+and feature with statistics over the B examples, so no layer copies or transposes anything and
+members never mix. Each norm's stacked layers come from models/norms.NORM_LAYERS.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP, init_gaussian, mlp_layers
-from bnrepro.models.norms import Normalization
+from bnrepro.models.norms import NO_NORM, Normalization
 
 
 class StackedLinear(nn.Module):
@@ -39,17 +39,6 @@ class StackedLinear(nn.Module):
         return torch.baddbmm(self.bias, self.weight, h)
 
 
-class StackedBatchNorm(nn.BatchNorm1d):
-    """BN per member and feature of (M, F, B) activations, as channels of a (1, M*F, B) view."""
-
-    def __init__(self, members: int, features: int, eps: float, momentum: float | None) -> None:
-        super().__init__(members * features, eps=eps, momentum=momentum)
-        self.members, self.features = members, features
-
-    def forward(self, h: Tensor) -> Tensor:
-        return super().forward(h.reshape(1, -1, h.shape[-1])).view_as(h)
-
-
 class StackedMLP(nn.Module):
     """`members` MLPs of identical shape, built from MLP's own arguments.
 
@@ -65,18 +54,13 @@ class StackedMLP(nn.Module):
         hidden: Sequence[int] = (100, 100, 100),
         num_classes: int = 10,
         activation: str = "sigmoid",
-        norm: str = "none",
+        norm: Normalization = NO_NORM,
         dropout: float = 0.0,
         init_std: float = 0.1,
-        bn: Mapping[str, Any] | BNStats | None = None,
-        renorm: Mapping[str, Any] | None = None,
-        group_norm: Mapping[str, Any] | None = None,
-        noise: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.members = members
-        self.normalization = Normalization.from_config(norm, bn, renorm, group_norm, noise)
-        self.bn_stats = self.normalization.bn
+        self.normalization = norm
         self.layers, self.classifier = mlp_layers(
             in_features,
             hidden,

@@ -18,27 +18,33 @@ from bnrepro.data.imagenet import (
 )
 from bnrepro.infra.distributed import DistEnv, sum_across_ranks
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.tasks import POPULATION_SEED_OFFSET, Task
+from bnrepro.tasks.task import POPULATION_SEED_OFFSET, Task, check_batch_size
+from bnrepro.training.placement import Placement
 
 
-def build_imagenet_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
+def build_imagenet_task(
+    cfg: RunConfig, env: DistEnv, placement: Placement, bn: BNStats | None
+) -> Task:
+    """This rank's shard of the training batches and of validation, normalised on
+    `placement.device` in its memory format; validation's forward pass in its autocast."""
     d, t = cfg.data, cfg.trainer
-    decode = resolve_decode(d.decode, env.device)  # a bad value fails before any file is read
+    device = placement.device
+    decode = resolve_decode(d.decode, device)  # a bad value fails before any file is read
     augmentation = TrainAugmentation(
         d.image_size, d.photometric, scale=list(d.crop_scale), ratio=list(d.crop_ratio)
     )
     train_set, val_set = build_imagenet(d.root, image_size=d.image_size)
-    channels_last = t.channels_last and env.device.type == "cuda"
-    pin_memory = env.device.type == "cuda"
+    # Each rank draws from its own shard (EndlessShards): len // world_size images.
+    check_batch_size(cfg, len(train_set) // env.world_size, per_process=env.world_size > 1)
     common = dict(
         decode=decode,
         batch_size=d.batch_size,
         workers=d.workers,
-        device=env.device,
-        channels_last=channels_last,
+        device=device,
+        channels_last=placement.channels_last,
         world_size=env.world_size,
         rank=env.rank,
-        pin_memory=pin_memory,
+        pin_memory=placement.pin_memory,
     )
     train_batches = build_train_batches(train_set, augmentation, seed=cfg.seed, **common)
     population = None
@@ -52,18 +58,17 @@ def build_imagenet_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Tas
         workers=d.workers,
         world_size=env.world_size,
         rank=env.rank,
-        pin_memory=pin_memory,
+        pin_memory=placement.pin_memory,
     )
-    amp = t.amp == "bf16" and env.device.type == "cuda"
 
     @torch.inference_mode()
     def evaluate(model: nn.Module) -> list[dict[str, float]]:
         model.eval()
         loss_sum, top1, top5, n = 0.0, 0, 0, 0
         for images, labels in val_loader:
-            x = normalize_batch(images, env.device, channels_last)
-            y = labels.to(env.device, non_blocking=True)
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
+            x = normalize_batch(images, device, placement.channels_last)
+            y = labels.to(device, non_blocking=True)
+            with placement.autocast():
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct = topk_correct(logits, y, (1, 5))
@@ -77,6 +82,6 @@ def build_imagenet_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Tas
         train_batches=train_batches,
         population_batches=population,
         evaluate=evaluate,
-        probe_x=normalize_batch(probe, env.device),
+        probe_x=normalize_batch(probe, device),
         monitor="val/top1",
     )

@@ -18,10 +18,20 @@ from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import load_mnist
 from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.tasks import POPULATION_SEED_OFFSET, PRECISE_SEED_OFFSET, Task
+from bnrepro.tasks.task import (
+    POPULATION_SEED_OFFSET,
+    PRECISE_SEED_OFFSET,
+    Task,
+    check_batch_size,
+)
+from bnrepro.training.placement import Placement
 
 
-def build_mnist_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
+def build_mnist_task(
+    cfg: RunConfig, env: DistEnv, placement: Placement, bn: BNStats | None
+) -> Task:
+    """The whole dataset as tensors on `placement.device` (no loader: nothing to pin), for
+    this rank's data order; evaluation in fp32."""
     data = load_mnist(
         cfg.data.root,
         download=cfg.data.download,
@@ -29,7 +39,8 @@ def build_mnist_task(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> Task:
         raw_train=True,
         dataset=cfg.data.name,
     )
-    device = env.device
+    check_batch_size(cfg, data.train_x.shape[0])  # every rank draws from the whole set
+    device = placement.device
     # The MLP takes flat 784-vectors; a convolutional network (BN-Inception scaled down,
     # experiment/fig2_small) takes 1x28x28 images. Views, no copies.
     shape = (1, 28, 28) if isinstance(cfg.model, InceptionConfig) else (784,)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bnrepro.config.schema import ICSConfig
+from bnrepro.config.schema import TrainerConfig
 from bnrepro.infra.cuda_graph import GraphStep
 from bnrepro.infra.distributed import DistEnv, sync_bn_buffers
 from bnrepro.infra.tracking import Tracker
@@ -29,28 +29,7 @@ from bnrepro.measures.probes import nonlinearity_input_percentiles
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks import Task
 from bnrepro.training.optim import StepwiseExponentialLR
-
-
-@dataclass
-class LoopSettings:
-    """What the loop needs from the config, flattened."""
-
-    steps: int
-    eval_every: int
-    eval_at_start: bool
-    probe_unit: int
-    percentiles: list[float]
-    bn: BNStats | None = None  # the network's BN statistics (None: no BN)
-    amp: bool = False  # bf16 autocast (GPU only)
-    progress: bool = True
-    progress_desc: str = "train"
-    checkpoint_every: int = 0  # 0: only at the end
-    diverge_loss: float | None = None  # a loss above this counts as diverged, like NaN/inf
-    sync_every: int = 100  # steps between host reads of the losses (divergence, stop signals)
-    cuda_graph: bool = False  # capture the training step in a CUDA graph (graph_step.py)
-    dist_bn: str = "reduce"  # how ranks' BN running statistics combine before evaluating
-    ics: ICSConfig | None = None  # measure ICS and the landscape every ics.every steps (ics.py)
-    estimators: StatsEstimators | None = None  # every estimate of BN's statistics, evaluated
+from bnrepro.training.placement import Placement, autocast
 
 
 @dataclass
@@ -108,10 +87,11 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    amp: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One SGD step on one mini-batch; returns the detached loss of each member."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+    """One SGD step on one mini-batch (the forward pass autocast to `autocast_dtype`, if any);
+    returns the detached loss of each member."""
+    with autocast(x.device, autocast_dtype):
         losses = member_losses(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     losses.sum().backward()
@@ -120,23 +100,26 @@ def train_step(
 
 
 def evaluation_records(
-    model: nn.Module, task: Task, settings: LoopSettings, env: DistEnv
+    model: nn.Module,
+    task: Task,
+    trainer: TrainerConfig,
+    env: DistEnv,
+    bn: BNStats | None = None,
+    estimators: StatsEstimators | None = None,
 ) -> list[dict[str, float]]:
     """What is logged at one evaluation, per member: the task's metrics and the percentiles.
 
     `model` is the bare network (not the DDP wrapper): evaluation runs no collective of DDP.
-    With `settings.estimators`, each estimate of BN's statistics is evaluated first.
+    With `estimators`, each estimate of BN's statistics is evaluated first.
     """
     compared: list[dict[str, float]] = [{} for _ in range(getattr(model, "members", 1))]
-    if settings.estimators is not None:
-        compared = settings.estimators.evaluate(
-            task.evaluate, task.population_batches, task.epoch_batches()
-        )
-    if settings.bn is not None:  # Algorithm 2 in population mode; nothing for the others
-        settings.bn.refresh(model, task.population_batches)
-    sync_bn_buffers(env, model, settings.dist_bn)
+    if estimators is not None:
+        compared = estimators.evaluate(task.evaluate, task.population_batches, task.epoch_batches())
+    if bn is not None:  # Algorithm 2 in population mode; nothing for the others
+        bn.refresh(model, task.population_batches)
+    sync_bn_buffers(env, model, trainer.dist_bn)
     probes = nonlinearity_input_percentiles(
-        model, model.nonlinearities(), task.probe_x, settings.probe_unit, settings.percentiles
+        model, model.nonlinearities(), task.probe_x, trainer.probe.unit, trainer.probe.percentiles
     )
     return [
         metrics | probe | other
@@ -149,24 +132,33 @@ def fit(
     optimizer: torch.optim.Optimizer,
     scheduler: StepwiseExponentialLR | None,
     task: Task,
-    settings: LoopSettings,
+    trainer: TrainerConfig,
+    placement: Placement,
     trackers: Sequence[Tracker],
     env: DistEnv,
+    *,
+    bn: BNStats | None = None,
+    cuda_graph: bool = False,
+    estimators: StatsEstimators | None = None,
+    label: str = "train",
     state: LoopState | None = None,
     save_checkpoint: Callable[[LoopState], None] = lambda state: None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> list[LoopResult]:
-    """Train up to `settings.steps`, from `state` (a resumed run) or from scratch, evaluating
-    every `eval_every` steps and at the end, checkpointing every `checkpoint_every` steps and
-    at the end.
+    """Train up to `trainer.steps`, from `state` (a resumed run) or from scratch, evaluating
+    every `trainer.eval_every` steps and at the end, checkpointing every
+    `trainer.checkpoint_every` steps (0: never in between) and at the end.
 
-    `model` is what trains (possibly DDP-wrapped or compiled); evaluation uses the bare network.
-    A non-finite loss (or one above `diverge_loss`) stops a member as "diverged": a result to
-    record, not a crash. When `stop_requested()` turns true, a checkpoint is written and
-    Preempted raised.
+    `model` is what trains (possibly DDP-wrapped or compiled) on `placement`; evaluation uses
+    the bare network. What the run derived besides: the network's BN statistics `bn` (None: no
+    BN), whether the step is captured in a CUDA graph (infra/cuda_graph.py), the `estimators`
+    of BN's statistics evaluated with the network (trainer.bn_stats_probe) and the progress
+    bar's `label`. A non-finite loss (or one above `trainer.diverge_loss`) stops a member as
+    "diverged": a result to record, not a crash. When `stop_requested()` turns true, a
+    checkpoint is written and Preempted raised.
 
     The host never waits for the device during steps: each step's losses stay on the device
-    in a small log that the host reads every `sync_every` steps and at every evaluation,
+    in a small log that the host reads every `trainer.sync_every` steps and at every evaluation,
     checkpoint and stop (on a CPU that costs nothing). Divergence is then found at its exact
     step; a diverged member trains on (uselessly, members never mix) until that read.
     """
@@ -175,18 +167,18 @@ def fit(
     resumed = state is not None
     state = state or LoopState.fresh(len(trackers))
     results, alive = state.results, state.alive
-    limit = settings.diverge_loss if settings.diverge_loss is not None else float("inf")
+    limit = trainer.diverge_loss if trainer.diverge_loss is not None else float("inf")
     seconds_before, started = state.seconds, time.perf_counter()
 
     def step_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return train_step(model, optimizer, x, y, settings.amp)
+        return train_step(model, optimizer, x, y, placement.autocast_dtype)
 
-    run_step = GraphStep(step_fn) if settings.cuda_graph else step_fn
-    loss_log = torch.empty(settings.sync_every, len(trackers), device=env.device)
+    run_step = GraphStep(step_fn) if cuda_graph else step_fn
+    loss_log = torch.empty(trainer.sync_every, len(trackers), device=placement.device)
     logged = 0  # steps in loss_log not yet read by the host
 
     def evaluate_and_log(step: int, extra: list[dict[str, float]]) -> None:
-        records = evaluation_records(network, task, settings, env)
+        records = evaluation_records(network, task, trainer, env, bn, estimators)
         for i in alive:
             record = {"step": step} | extra[i] | records[i]
             record["train/lr"] = optimizer.param_groups[0]["lr"]
@@ -217,29 +209,29 @@ def fit(
     def measure(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The step with Santurkar et al.'s measurements (ics.py), logged at once."""
         losses, records = measured_step(
-            network, optimizer, x, y, settings.ics.step_scales, member_losses
+            network, optimizer, x, y, trainer.ics.step_scales, member_losses
         )
         for i in alive:
             trackers[i].log({"step": state.step} | records[i])
         return losses
 
-    if settings.eval_at_start and not resumed:
+    if trainer.eval_at_start and not resumed:
         evaluate_and_log(0, [{} for _ in trackers])
     model.train()
     window_start = time.perf_counter()
     bar = tqdm(
-        total=settings.steps,
+        total=trainer.steps,
         initial=state.step,
-        desc=settings.progress_desc,
+        desc=label,
         mininterval=1.0,
         unit="step",
         dynamic_ncols=True,
-        disable=not (settings.progress and env.is_main),
+        disable=not (trainer.progress and env.is_main),
     )
     with bar:
-        while state.step < settings.steps and alive:
+        while state.step < trainer.steps and alive:
             x, y = next(task.train_batches)
-            if settings.ics is not None and state.step % settings.ics.every == 0:
+            if trainer.ics is not None and state.step % trainer.ics.every == 0:
                 loss_log[logged].copy_(measure(x, y))
             else:
                 loss_log[logged].copy_(run_step(x, y), non_blocking=True)
@@ -250,10 +242,10 @@ def fit(
             step = state.step
             bar.update(1)
             stop = stop_requested()
-            every = settings.checkpoint_every
-            evaluate = step % settings.eval_every == 0 or step == settings.steps
-            checkpoint = (every and step % every == 0) or step == settings.steps
-            sync = evaluate or checkpoint or logged == settings.sync_every
+            every = trainer.checkpoint_every
+            evaluate = step % trainer.eval_every == 0 or step == trainer.steps
+            checkpoint = (every and step % every == 0) or step == trainer.steps
+            sync = evaluate or checkpoint or logged == trainer.sync_every
             if not (sync or (stop and not env.enabled)):  # ranks agree on stops at syncs only
                 continue
             stop = read_losses(step - logged + 1, stop)

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from bnrepro.analysis.plots import plot_run
@@ -40,12 +39,16 @@ from bnrepro.infra.distributed import (
 )
 from bnrepro.infra.preemption import PreemptionSignals
 from bnrepro.infra.provenance import provenance
+from bnrepro.infra.run_lock import hold_run
 from bnrepro.infra.tracking import Tracker, open_trackers
 from bnrepro.measures.bn_estimators import StatsEstimators
-from bnrepro.models.batchnorm import BNStats, network_bn
+from bnrepro.models.batchnorm import BNStats
+from bnrepro.models.networks import build_network
+from bnrepro.models.norms import Normalization
 from bnrepro.tasks import build_task
-from bnrepro.training.loop import LoopResult, LoopSettings, Preempted, fit
+from bnrepro.training.loop import LoopResult, Preempted, fit
 from bnrepro.training.optim import build_optimizer, build_scheduler
+from bnrepro.training.placement import Placement, decide_placement
 
 log = logging.getLogger("bnrepro.train")
 FINISHED = ("completed", "diverged")  # a run with this status is not trained again
@@ -53,23 +56,41 @@ FINISHED = ("completed", "diverged")  # a run with this status is not trained ag
 
 def train(cfg: RunConfig, env: DistEnv) -> list[dict[str, Any]]:
     """Train the network(s) `cfg` describes, resuming from a checkpoint when there is one;
-    return one summary per network."""
+    return one summary per network. One process at a time per run directory (infra.run_lock):
+    a second one fails with one line naming the holder and leaves the run alone."""
     run_dir = Path(broadcast_object(env, cfg.source.paths.output_dir))  # rank 0's, for safety
-    done = None if cfg.resume == "never" else finished_summaries(member_runs(cfg, run_dir, False))
-    if done is not None:
-        statuses = ", ".join(sorted({s["status"] for s in done}))
-        log.info(f"already finished ({statuses}): {run_dir}; nothing to train")
-        return done
+    done = already_finished(cfg, run_dir)
+    if done is None:
+        with hold_run(run_dir, env):  # released on any exit, by the kernel if killed
+            done = already_finished(cfg, run_dir)  # again: a holder may have finished it since
+            if done is None:
+                return train_held(cfg, env, run_dir)
+    statuses = ", ".join(sorted({s["status"] for s in done}))
+    log.info(f"already finished ({statuses}): {run_dir}; nothing to train")
+    return done
+
+
+def already_finished(cfg: RunConfig, run_dir: Path) -> list[dict[str, Any]] | None:
+    """The summaries of a finished run (finished_summaries), or None when it is to be trained."""
+    return None if cfg.resume == "never" else finished_summaries(member_runs(cfg, run_dir, False))
+
+
+def train_held(cfg: RunConfig, env: DistEnv, run_dir: Path) -> list[dict[str, Any]]:
+    """What `train` does once this process holds `run_dir`: build, train, summarize."""
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.set_flush_denormal(cfg.trainer.flush_denormal)
-    if env.device.type == "cuda":
+    placement = decide_placement(cfg, env)  # the task, the network and the loop follow it
+    if placement.is_cuda:
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark
     device = device_name(env.device)
-    bn = network_bn(cfg.model.norm, cfg.model.bn)  # the BN statistics the task and loop ask
-    task = build_task(cfg, env, bn)
-    network, model = build_model(cfg, env)
-    settings = loop_settings(cfg, env, bn, network)
-    log.info(f"device: {device}" + (", CUDA graph" if settings.cuda_graph else ""))
+    norm = Normalization.from_model(cfg.model)  # model.norm and its settings, parsed once
+    bn = norm.bn  # the BN statistics the task and loop ask (None without BN)
+    task = build_task(cfg, env, placement, bn)
+    network, model = build_model(cfg, env, placement, norm)
+    check_ics(cfg, env)
+    estimators = stats_estimators(cfg, network)
+    cuda_graph = use_cuda_graph(cfg, env, placement, bn)
+    log.info(f"device: {device}" + (", CUDA graph" if cuda_graph else ""))
     if env.enabled:
         syncbn = " with SyncBatchNorm" if cfg.trainer.sync_bn else ""
         log.info(
@@ -106,12 +127,17 @@ def train(cfg: RunConfig, env: DistEnv) -> list[dict[str, Any]]:
                 optimizer,
                 scheduler,
                 task,
-                settings,
+                cfg.trainer,
+                placement,
                 trackers,
                 env,
-                state,
-                checkpoints.save,
-                signals.requested,
+                bn=bn,
+                cuda_graph=cuda_graph,
+                estimators=estimators,
+                label=progress_label(cfg),
+                state=state,
+                save_checkpoint=checkpoints.save,
+                stop_requested=signals.requested,
             )
         except Preempted as stop:
             log.warning(
@@ -137,51 +163,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loop_settings(
-    cfg: RunConfig, env: DistEnv, bn: BNStats | None, network: torch.nn.Module
-) -> LoopSettings:
-    """What the loop reads, from the checked config; the opt-in probes attached to `network`."""
+def check_ics(cfg: RunConfig, env: DistEnv) -> None:
+    """trainer.ics compares one process's fp32 steps (measures/ics.py): a ConfigError under
+    torchrun or with autocast asked for (on any device, so a config means one thing)."""
     if cfg.trainer.ics is not None and (env.enabled or cfg.trainer.amp is not None):
         raise ConfigError(
             "trainer.ics measures one process's fp32 steps: run it without torchrun and with "
             "trainer.amp=null"
         )
+
+
+def stats_estimators(cfg: RunConfig, network: torch.nn.Module) -> StatsEstimators | None:
+    """trainer.bn_stats_probe's estimators of BN's statistics, attached to `network`; None
+    without the probe."""
     probe = cfg.trainer.bn_stats_probe
-    estimators = None
-    if probe is not None:
-        estimators = StatsEstimators(network, probe.ema_momenta, probe.population_batches)
-    return LoopSettings(
-        steps=cfg.trainer.steps,
-        eval_every=cfg.trainer.eval_every,
-        eval_at_start=cfg.trainer.eval_at_start,
-        probe_unit=cfg.trainer.probe.unit,
-        percentiles=list(cfg.trainer.probe.percentiles),
-        bn=bn,
-        amp=cfg.trainer.amp == "bf16" and env.device.type == "cuda",
-        progress=cfg.trainer.progress,
-        checkpoint_every=cfg.trainer.checkpoint_every,
-        diverge_loss=cfg.trainer.diverge_loss,
-        sync_every=cfg.trainer.sync_every,
-        cuda_graph=use_cuda_graph(cfg, env, bn),
-        dist_bn=cfg.trainer.dist_bn,
-        ics=cfg.trainer.ics,
-        estimators=estimators,
-        progress_desc=f"{cfg.arm} seed{'s' if cfg.seeds else ''} "
-        + ",".join(map(str, cfg.seeds or [cfg.seed])),
+    if probe is None:
+        return None
+    return StatsEstimators(network, probe.ema_momenta, probe.population_batches)
+
+
+def progress_label(cfg: RunConfig) -> str:
+    """The progress bar's label: the arm and its seed(s), e.g. 'bn seeds 1,2'."""
+    return f"{cfg.arm} seed{'s' if cfg.seeds else ''} " + ",".join(
+        map(str, cfg.seeds or [cfg.seed])
     )
 
 
-def use_cuda_graph(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> bool:
+def use_cuda_graph(cfg: RunConfig, env: DistEnv, placement: Placement, bn: BNStats | None) -> bool:
     """Whether the training step is captured in a CUDA graph (graph_step.py says what that
     needs): `auto` where it can be, `true` insists (one line when it cannot), `false` never."""
     wanted = cfg.trainer.cuda_graph
     if wanted is False:
         return False
     obstacles = [
-        (env.device.type != "cuda", "the device is not a GPU"),
+        (not placement.is_cuda, "the device is not a GPU"),
         (env.enabled, "the job runs under torchrun (DDP)"),
         (cfg.trainer.compile, "trainer.compile=true"),
-        (env.device.type == "cuda" and cfg.trainer.amp == "bf16", "trainer.amp=bf16"),
+        (placement.autocast_dtype is not None, "trainer.amp=bf16"),
         (cfg.optim.schedule is not None, "the learning rate follows a schedule"),
         (cfg.trainer.ics is not None, "trainer.ics measures some steps outside the graph"),
         (cfg.trainer.bn_stats_probe is not None, "trainer.bn_stats_probe hooks BN's inputs"),
@@ -199,24 +217,23 @@ def use_cuda_graph(cfg: RunConfig, env: DistEnv, bn: BNStats | None) -> bool:
     return not reasons
 
 
-def build_model(cfg: RunConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build_model(
+    cfg: RunConfig, env: DistEnv, placement: Placement, norm: Normalization
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The network (same initial weights on every rank; with `seeds`, one StackedMLP member
     per seed, each initialised as its plain run would be) and what trains it (DDP, compiled).
 
-    Hydra instantiates `model._target_` with the checked settings (bnrepro.config.schema)."""
-    model = cfg.source.model
+    The network class is models.networks's entry for the type of `cfg.model`; it gets the
+    checked settings and the run's one normalisation `norm`."""
     if cfg.seeds:
-        stacked = "bnrepro.models.stacked_mlp.StackedMLP"
-        network = instantiate(model, _target_=stacked, members=len(cfg.seeds))
+        network = build_network(cfg.model, norm, members=len(cfg.seeds))
         for i, seed in enumerate(cfg.seeds):
             seed_everything(seed)
-            network.load_member(i, instantiate(model))
+            network.load_member(i, build_network(cfg.model, norm))
     else:
         seed_everything(cfg.seed)
-        network = instantiate(model)
-    network = network.to(env.device)
-    if cfg.trainer.channels_last and env.device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
+        network = build_network(cfg.model, norm)
+    network = network.to(placement.device, memory_format=placement.memory_format)
     trained = wrap_model(network, env, cfg.trainer.sync_bn)
     # Per-rank streams for dropout and augmentation; rank 0 keeps the single-process stream.
     seed_everything(cfg.seed + env.rank)

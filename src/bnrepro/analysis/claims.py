@@ -1,0 +1,638 @@
+"""The claims the report tests, as data: one `Claim` record each (its number, text, where it is
+made, the published value, the results it reads, its estimator, figure and command) in `CLAIMS`.
+
+An estimator is a small named function: it gets the claim's `results`, loaded, in order (a
+figure's JSON as a dict, a folder of runs as a list of RunRecord) and returns our number with
+its interval as the table prints it and the verdict by the rule (bnrepro.analysis.stats), or
+None when the results hold nothing for the claim. Adding a claim is one record here, plus an
+estimator if none of these fits (`functools.partial` binds one to an arm).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bnrepro.analysis.runs import RunRecord, find_runs
+from bnrepro.analysis.stats import (
+    at_chance,
+    combine,
+    difference_interval,
+    mean_interval,
+    paired,
+    speedups,
+    steps_to,
+    trains,
+    verdict_difference,
+    verdict_no_cost,
+    verdict_outcomes,
+    verdict_speedup,
+    welch,
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Our side of a claim: the number(s) with intervals as printed, and the verdict."""
+
+    ours: str
+    verdict: str
+
+
+Estimator = Callable[..., Finding | None]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One row of REPORT.md. `number` identifies the claim and stays with it: a new claim takes
+    the next free number. `results` are paths under results/ (`*.json`: a figure's numbers;
+    anything else: a folder of runs); a claim whose results are missing is not tested, and so
+    is one without an estimator (no experiment here)."""
+
+    number: int
+    claim: str
+    section: str  # where the paper (or, for a follow-up, the later paper) makes it
+    paper: str  # the published value
+    results: tuple[str, ...]
+    estimator: Estimator | None
+    figure: str  # a path under results/, or "" where there is none
+    command: str
+    follow_up: bool = False  # a later paper's finding (the report's second table)
+
+
+class Results:
+    """The committed results under `root`, each file or run folder read once (claims share
+    them): `load("mnist/figure1.json")` is the dict, `load("mnist/runs")` the runs; None when
+    absent or empty."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._loaded: dict[str, Any] = {}
+
+    def load(self, source: str) -> Any | None:
+        if source not in self._loaded:
+            path = self.root / source
+            if source.endswith(".json"):
+                value = json.loads(path.read_text()) if path.is_file() else None
+            else:
+                value = (find_runs(path) if path.is_dir() else None) or None
+            self._loaded[source] = value
+        return self._loaded[source]
+
+
+def assess(claim: Claim, results: Results) -> Finding | None:
+    """The claim's finding on these results (None: not tested here)."""
+    if claim.estimator is None:
+        return None
+    loaded = [results.load(source) for source in claim.results]
+    if any(data is None for data in loaded):
+        return None
+    return claim.estimator(*loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators: Figure 1 (figure1.json and its runs; MNIST and Fashion-MNIST alike)
+
+
+def seed_values(figure1: dict, arm: str, key: str) -> list[float] | None:
+    """Every seed's value of `key` (final_test_acc, spread_drift ...) in a figure1.json."""
+    entry = figure1["arms"].get(arm, {}).get(key)
+    return entry.get("values") if entry else None
+
+
+def bn_trains_faster(figure1: dict, runs: list[RunRecord]) -> Finding | None:
+    """Each BN seed's steps to the baseline's mean final accuracy, against the step at which
+    the baseline's mean curve first reached it."""
+    base_final = seed_values(figure1, "baseline", "final_test_acc")
+    if not base_final:
+        return None
+    target = sum(base_final) / len(base_final)
+    plotted = figure1["plotted"]["baseline"]
+    slow = steps_to(list(zip(plotted["steps"], plotted["test_acc_mean"], strict=True)), target)
+    fast = [
+        steps_to([(m["step"], m["test/acc"]) for m in r.metrics if "test/acc" in m], target)
+        for r in runs
+        if r.arm == "bn" and r.summary["status"] == "completed"
+    ]
+    ratio = speedups(slow, fast)
+    if ratio is None:
+        return None
+    return Finding(
+        f"{ratio.text('x')} fewer steps to the baseline's final {target:.2f} % "
+        f"(the baseline: step {slow:,})",
+        verdict_speedup(ratio),
+    )
+
+
+def bn_higher_accuracy(figure1: dict) -> Finding | None:
+    """BN's final test accuracy minus the baseline's, Welch's interval over seeds."""
+    bn = seed_values(figure1, "bn", "final_test_acc")
+    base = seed_values(figure1, "baseline", "final_test_acc")
+    if not (bn and base):
+        return None
+    diff = difference_interval(bn, base)
+    return Finding(
+        f"{diff.text(' points')} final test accuracy, BN - baseline", verdict_difference(diff)
+    )
+
+
+def bn_stable_distribution(figure1: dict) -> Finding:
+    """Figure 1 (b, c): how far the last hidden unit's input distribution moved, baseline - BN,
+    for the 15-85 spread and the median."""
+    parts, texts = [], []
+    for key, name in (("spread_drift", "15-85 spread"), ("p50_drift", "median")):
+        base, bn = seed_values(figure1, "baseline", key), seed_values(figure1, "bn", key)
+        d = difference_interval(base, bn) if base and bn else None
+        parts.append(verdict_difference(d))
+        texts.append(f"{name}: {d.text()}" if d else f"{name}: -")
+    return Finding(
+        "drift (first to last evaluation) of the last hidden unit's input, baseline - BN; "
+        + "; ".join(texts),
+        combine(parts),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators: Figures 2 and 3 at small scale (fig2_small/figure3.json)
+
+
+def faster_than_inception(arm: str, figure3: dict) -> Finding | None:
+    """Per seed of `arm`: Inception's steps to its best accuracy over this seed's."""
+    table = {row["arm"]: row for row in figure3["rows"]}
+    inception_at = table.get("inception", {}).get("steps_to_target")
+    seeds = figure3["per_seed"].get(arm, [])
+    ratio = speedups(inception_at, [s["steps_to_target"] for s in seeds])
+    if ratio is None:
+        return None
+    return Finding(
+        f"{ratio.text('x')} fewer steps to Inception's best {figure3['target']:g} % (Inception: "
+        f"step {inception_at:,})",
+        verdict_speedup(ratio),
+    )
+
+
+def _max_accs(figure3: dict, arm: str) -> list[float]:
+    return [s["max_acc"] for s in figure3["per_seed"].get(arm, []) if s["max_acc"] is not None]
+
+
+def bn_x30_higher_accuracy(figure3: dict) -> Finding | None:
+    """BN-x30's max test accuracy minus Inception's, Welch's interval over seeds."""
+    bn_x30, inception = _max_accs(figure3, "bn_x30"), _max_accs(figure3, "inception")
+    if not (bn_x30 and inception):
+        return None
+    d = difference_interval(bn_x30, inception)
+    return Finding(
+        f"{d.text(' points')} max test accuracy, BN-x30 - Inception", verdict_difference(d)
+    )
+
+
+def _outcome(figure3: dict, arm: str, ok: Callable[[dict], bool], what: str) -> Finding:
+    """How many seeds of `arm` show the paper's outcome `ok`, with their max accuracies."""
+    seeds = figure3["per_seed"].get(arm, [])
+    hits = sum(ok(s) for s in seeds)
+    accs = ", ".join(f"{s['max_acc']:.1f}" for s in seeds if s["max_acc"] is not None)
+    text = f"{hits} of {len(seeds)} seeds {what} (max acc {accs} %)"
+    return Finding(text, verdict_outcomes(hits, len(seeds)))
+
+
+def _trains(figure3: dict) -> Callable[[dict], bool]:
+    return lambda s: trains(s["max_acc"], s["status"], figure3["target"])
+
+
+def trains_at_high_rates(figure3: dict) -> Finding:
+    """BN-x5 and BN-x30: every seed trains."""
+    parts = {
+        name: _outcome(figure3, arm, _trains(figure3), "train")
+        for name, arm in (("BN-x5", "bn_x5"), ("BN-x30", "bn_x30"))
+    }
+    return Finding(
+        "; ".join(f"{name}: {f.ours}" for name, f in parts.items()),
+        combine([f.verdict for f in parts.values()]),
+    )
+
+
+def inception_x5_diverges(figure3: dict) -> Finding:
+    return _outcome(figure3, "inception_x5", lambda s: s["status"] == "diverged", "diverged")
+
+
+def bn_sigmoid_trains(figure3: dict) -> Finding:
+    return _outcome(figure3, "bn_x5_sigmoid", _trains(figure3), "train")
+
+
+def sigmoid_stays_at_chance(figure3: dict) -> Finding:
+    return _outcome(
+        figure3, "inception_sigmoid", lambda s: at_chance(s["max_acc"]), "stay at chance"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators: the MNIST grid and BN's inference statistics
+
+
+def dropout_at_no_cost(grid: dict) -> Finding | None:
+    """BN as a regulariser: each BN variant of the grid without dropout against the same
+    variant with it (pairs over learning rate and activation)."""
+    accs = {row["arm"]: row["max_acc"] for row in grid["rows"]}
+    pairs = [
+        (accs[arm], accs[arm.replace("drop0.0", "drop0.4")])
+        for arm in sorted(accs)
+        if arm.startswith("bn_") and "drop0.0" in arm and arm.replace("drop0.0", "drop0.4") in accs
+    ]
+    if not pairs:
+        return None
+    d = mean_interval([without - with_ for without, with_ in pairs])
+    return Finding(
+        f"{d.text(' points')} MNIST max test accuracy without - with dropout 0.4, paired over "
+        f"the BN variants of the grid (1 seed each)",
+        verdict_no_cost(d),
+    )
+
+
+def moving_averages_as_algorithm2(bn_stats: dict) -> Finding | None:
+    """Section 3.1: the moving averages used in practice against Algorithm 2's population
+    statistics, the same weights, the paper's batch size 60."""
+    entry = bn_stats["batch_sizes"].get("60")
+    if not entry:
+        return None
+    est = entry["estimates"]
+    d = paired(est["ema_0.1"]["final_acc"]["values"], est["algorithm2"]["final_acc"]["values"])
+    return Finding(
+        f"{d.text(' points')} final test accuracy, EMA (0.1) - Algorithm 2, same weights, batch 60",
+        verdict_no_cost(d),
+    )
+
+
+def precise_bn_through_training(bn_stats: dict) -> Finding | None:
+    """Wu & Johnson: precise BN minus EMA (0.1), mean over the evaluations, batch 60."""
+    entry = bn_stats["batch_sizes"].get("60")
+    if not entry:
+        return None
+    gaps = entry["estimates"]["ema_0.1"]["gap_through_training"]["values"]
+    d = mean_interval([-g for g in gaps])
+    return Finding(
+        f"{d.text(' points')} test accuracy, precise BN - EMA (0.1), mean over the "
+        f"evaluations, batch 60",
+        verdict_difference(d),
+    )
+
+
+def precise_bn_small_batch(bn_stats: dict) -> Finding | None:
+    """Wu & Johnson: precise BN minus EMA (0.1) at the end of training, smallest batch."""
+    batches = bn_stats["batch_sizes"]
+    if not batches:
+        return None
+    smallest = min(batches, key=int)
+    final_gap = batches[smallest]["estimates"]["ema_0.1"]["final_gap"]["values"]
+    d = mean_interval([-g for g in final_gap])
+    return Finding(
+        f"{d.text(' points')} final test accuracy, precise BN - EMA (0.1), batch {smallest}",
+        verdict_difference(d),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators: Santurkar et al. (ics/ics.json) and batch size (batch_size/batch_size.json)
+
+
+def _arms(ics: dict, *names: str) -> list[dict] | None:
+    arms = ics["arms"]
+    return [arms[n] for n in names] if all(n in arms for n in names) else None
+
+
+def noisy_bn_trains(ics: dict) -> Finding | None:
+    """Noisy BN's final test accuracy: no worse than BN's (no cost), above no BN's."""
+    arms = _arms(ics, "baseline", "bn", "noisy_bn")
+    if arms is None:
+        return None
+    base, bn, noisy = arms
+    same = welch(noisy["final_test_acc"], bn["final_test_acc"])
+    above = welch(noisy["final_test_acc"], base["final_test_acc"])
+    return Finding(
+        f"final test accuracy, noisy BN - BN: {same.text(' points')}; "
+        f"noisy BN - no BN: {above.text(' points')}",
+        combine([verdict_no_cost(same), verdict_difference(above)]),
+    )
+
+
+def ics_not_reduced(ics: dict) -> Finding | None:
+    """ICS (mean over the run and the layers): BN's l2 larger, its cosine lower."""
+    arms = _arms(ics, "baseline", "bn")
+    if arms is None:
+        return None
+    base, bn = (arm["per_seed_mean"] for arm in arms)
+    l2, cos = welch(bn["ics_l2"], base["ics_l2"]), welch(base["ics_cos"], bn["ics_cos"])
+    return Finding(
+        f"mean over the run and the layers; BN - no BN, l2: {l2.text(digits=4)}; "
+        f"no BN - BN, cosine: {cos.text(digits=4)}",
+        combine([verdict_difference(l2), verdict_difference(cos)]),
+    )
+
+
+def smoother_landscape(ics: dict) -> Finding | None:
+    """Loss variation, gradient change and beta-smoothness, no BN - BN (mean over the run)."""
+    arms = _arms(ics, "baseline", "bn")
+    if arms is None:
+        return None
+    base, bn = (arm["per_seed_mean"] for arm in arms)
+    names = {"loss_range": "loss variation", "grad_change": "gradient change", "beta": "beta"}
+    parts = {key: welch(base[key], bn[key]) for key in names}
+    return Finding(
+        "mean over the run, no BN - BN; "
+        + "; ".join(f"{names[k]}: {v.text(digits=3)}" for k, v in parts.items()),
+        combine([verdict_difference(v) for v in parts.values()]),
+    )
+
+
+def _errors(batch_size: dict, *cells: tuple[str, str]) -> list[dict] | None:
+    """The per-seed test errors of each (norm, batch size), or None if one is missing."""
+    norms = batch_size["norms"]
+    if not all(b in norms.get(n, {}) for n, b in cells):
+        return None
+    return [norms[n][b] for n, b in cells]
+
+
+def bn_small_batch_error(batch_size: dict) -> Finding | None:
+    """At batch 2, BN's error above GroupNorm's and above its own at batch 32."""
+    cells = _errors(batch_size, ("bn", "2"), ("group_norm", "2"), ("bn", "32"))
+    if cells is None:
+        return None
+    bn_2, gn_2, bn_32 = cells
+    vs_gn, rises = welch(bn_2, gn_2), welch(bn_2, bn_32)
+    return Finding(
+        f"test error, points; batch 2, BN - GN: {vs_gn.text()}; BN at batch 2 - at 32: "
+        f"{rises.text()}",
+        combine([verdict_difference(vs_gn), verdict_difference(rises)]),
+    )
+
+
+def renorm_small_batch(batch_size: dict) -> Finding | None:
+    """At batch 2, BN's error minus Batch Renorm's."""
+    cells = _errors(batch_size, ("bn", "2"), ("batch_renorm", "2"))
+    if cells is None:
+        return None
+    renorm = welch(*cells)
+    return Finding(
+        f"test error, BN - Batch Renorm, batch 2: {renorm.text(' points')}",
+        verdict_difference(renorm),
+    )
+
+
+def bn_usual_batch(batch_size: dict) -> Finding | None:
+    """At batch 32, GroupNorm's and LayerNorm's errors minus BN's."""
+    cells = _errors(batch_size, ("group_norm", "32"), ("layer_norm", "32"), ("bn", "32"))
+    if cells is None:
+        return None
+    gn_32, ln_32, bn_32 = cells
+    gn, ln = welch(gn_32, bn_32), welch(ln_32, bn_32)
+    return Finding(
+        f"test error at batch 32, points; GN - BN: {gn.text()}; LN - BN: {ln.text()}",
+        combine([verdict_difference(gn), verdict_difference(ln)]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The claims
+
+
+def _figure1(start: int, folder: str, dataset: str, command: str) -> list[Claim]:
+    """The three Figure 1 claims on one dataset (the paper's Figure 1 is MNIST only:
+    Fashion-MNIST asks whether its claims carry over)."""
+    mnist = dataset == "MNIST"
+    numbers, runs = f"{folder}/figure1.json", f"{folder}/runs"
+    common = {"figure": f"{folder}/figure1.png", "command": command}
+    return [
+        Claim(
+            start,
+            f"BN trains faster ({dataset})",
+            "4.1, Fig. 1",
+            "faster (Fig. 1a, no number)"
+            if mnist
+            else "no Fashion-MNIST in the paper (MNIST: faster)",
+            (numbers, runs),
+            bn_trains_faster,
+            **common,
+        ),
+        Claim(
+            start + 1,
+            f"BN reaches higher accuracy ({dataset})",
+            "4.1, Fig. 1",
+            "higher (Fig. 1a, no number)" if mnist else "no Fashion-MNIST (MNIST: higher)",
+            (numbers,),
+            bn_higher_accuracy,
+            **common,
+        ),
+        Claim(
+            start + 2,
+            f"BN keeps a unit's input distribution stable ({dataset})",
+            "4.1, Fig. 1b,c",
+            "without BN mean and spread drift; with BN stable"
+            if mnist
+            else "no Fashion-MNIST (MNIST: stable with BN)",
+            (numbers,),
+            bn_stable_distribution,
+            **common,
+        ),
+    ]
+
+
+_FIG2 = {
+    "results": ("fig2_small/figure3.json",),
+    "figure": "fig2_small/figure2.png",
+    "command": "make reproduce-fig2-small",
+}
+_SANTURKAR = "Santurkar et al. 2018"
+_ICS = {
+    "results": ("ics/ics.json",),
+    "figure": "ics/ics.png",
+    "command": "make reproduce-ics",
+    "follow_up": True,
+}
+_WU_JOHNSON = "Wu & Johnson 2021"
+_BN_STATS = {
+    "results": ("bn_stats/bn_stats.json",),
+    "figure": "bn_stats/bn_stats.png",
+    "command": "make reproduce-bn-stats",
+}
+_BATCH_SIZE = {
+    "results": ("batch_size/batch_size.json",),
+    "figure": "batch_size/batch_size.png",
+    "command": "make reproduce-batch-size",
+    "follow_up": True,
+}
+
+CLAIMS: list[Claim] = [
+    *_figure1(1, "mnist", "MNIST", "make reproduce-mnist"),
+    *_figure1(4, "fashion_mnist", "Fashion-MNIST", "make reproduce-fashion"),
+    Claim(
+        7,
+        "BN-Baseline trains faster than Inception",
+        "4.2.2, Fig. 3",
+        "2.3x (31.0M / 13.3M)",
+        estimator=partial(faster_than_inception, "bn_baseline"),
+        **_FIG2,
+    ),
+    Claim(
+        8,
+        "BN-x5 trains faster than Inception",
+        "4.2.2, Fig. 3",
+        "14.8x (31.0M / 2.1M)",
+        estimator=partial(faster_than_inception, "bn_x5"),
+        **_FIG2,
+    ),
+    Claim(
+        9,
+        "BN-x30 trains faster than Inception",
+        "4.2.2, Fig. 3",
+        "11.5x (31.0M / 2.7M)",
+        estimator=partial(faster_than_inception, "bn_x30"),
+        **_FIG2,
+    ),
+    Claim(
+        10,
+        "BN-x30 reaches higher accuracy than Inception",
+        "4.2.2, Fig. 3",
+        "+2.6 points",
+        estimator=bn_x30_higher_accuracy,
+        **_FIG2,
+    ),
+    Claim(
+        11,
+        "Higher learning rates train with BN (x5, x30)",
+        "4.2.1, 4.2.2",
+        "BN-x5, BN-x30 train",
+        estimator=trains_at_high_rates,
+        **_FIG2,
+    ),
+    Claim(
+        12,
+        "Without BN, x5 diverges",
+        "4.2.2",
+        "Inception-x5 diverged",
+        estimator=inception_x5_diverges,
+        **_FIG2,
+    ),
+    Claim(
+        13,
+        "With BN, sigmoids train",
+        "4.2.2",
+        "BN-x5-Sigmoid 69.8 % (Inception 72.2 %)",
+        estimator=bn_sigmoid_trains,
+        **_FIG2,
+    ),
+    Claim(
+        14,
+        "Without BN, sigmoids do not train",
+        "4.2.2",
+        "never above chance (0.1 %)",
+        estimator=sigmoid_stays_at_chance,
+        **_FIG2,
+    ),
+    Claim(
+        15,
+        "With BN, dropout can be removed at no cost",
+        "3.4, 4.2.1",
+        "dropout removed (BN-x5 and up)",
+        ("mnist/grid.json",),
+        dropout_at_no_cost,
+        "mnist/grid.png",
+        "make reproduce-mnist-grid",
+    ),
+    Claim(
+        16,
+        "Moving averages serve at inference as well as Algorithm 2's population statistics",
+        "3.1, Alg. 2",
+        "moving averages usable instead",
+        estimator=moving_averages_as_algorithm2,
+        **_BN_STATS,
+    ),
+    Claim(
+        17,
+        "BN-Inception ensemble: 4.9 % top-5 error on ImageNet",
+        "4.2.3, Fig. 4",
+        "4.82 % (test server)",
+        (),
+        None,
+        "",
+        "needs ImageNet: experiment=imagenet/...",
+    ),
+    # Follow-up claims: what later papers found, on the same networks (issue 13).
+    Claim(
+        18,
+        "Noisy BN (unstable distributions) trains about as well as BN, better than no BN",
+        f"{_SANTURKAR}, Sec. 2.1, Fig. 2",
+        "noisy BN close to BN, above no BN (VGG, CIFAR-10)",
+        estimator=noisy_bn_trains,
+        **_ICS,
+    ),
+    Claim(
+        19,
+        "BN does not reduce internal covariate shift",
+        f"{_SANTURKAR}, Sec. 2.2, Fig. 5",
+        "ICS with BN no lower, often higher: larger l2, lower cosine",
+        estimator=ics_not_reduced,
+        **_ICS,
+    ),
+    Claim(
+        20,
+        "BN makes the loss landscape smoother",
+        f"{_SANTURKAR}, Sec. 3.1, Fig. 4",
+        "less loss variation, more predictive gradients, lower beta-smoothness",
+        estimator=smoother_landscape,
+        **_ICS,
+    ),
+    Claim(
+        21,
+        "EMA statistics trail the weights: precise BN tests better through training",
+        f"{_WU_JOHNSON}, Sec. 3",
+        "EMA inaccurate while weights move; PreciseBN more accurate and stable",
+        estimator=precise_bn_through_training,
+        follow_up=True,
+        **_BN_STATS,
+    ),
+    Claim(
+        22,
+        "With small batches, precise BN beats EMA at the end of training",
+        f"{_WU_JOHNSON}, Sec. 3",
+        "EMA's estimate worse when batch statistics are noisy",
+        estimator=precise_bn_small_batch,
+        follow_up=True,
+        **_BN_STATS,
+    ),
+    Claim(
+        23,
+        "BN's error rises as the batch shrinks; GroupNorm's does not",
+        "Wu & He 2018, Fig. 1",
+        "ResNet-50, ImageNet: GN flat over batch 32..2; at batch 2 GN 10.6 points below BN",
+        estimator=bn_small_batch_error,
+        **_BATCH_SIZE,
+    ),
+    Claim(
+        24,
+        "Batch Renorm beats BN with small batches",
+        "Ioffe 2017, Sec. 4.3",
+        "Inception-v3, minibatches of 4: Batch Renorm well above BN",
+        estimator=renorm_small_batch,
+        **_BATCH_SIZE,
+    ),
+    Claim(
+        25,
+        "At the usual batch size BN is at least as good as GroupNorm and LayerNorm",
+        "Wu & He 2018, Fig. 1, Table 1",
+        "batch 32: BN slightly better than GN, GN better than LN",
+        estimator=bn_usual_batch,
+        **_BATCH_SIZE,
+    ),
+]
+
+
+def check_claims(claims: Sequence[Claim]) -> None:
+    """Numbers identify claims: each used once."""
+    seen: set[int] = set()
+    for c in claims:
+        if c.number in seen:
+            raise ValueError(f"claim number {c.number} is used twice ({c.claim!r})")
+        seen.add(c.number)
