@@ -78,11 +78,14 @@ format: install ## ruff: fix what it can and format
 	$(VENV)/bin/ruff check --fix src scripts tests
 	$(VENV)/bin/ruff format src scripts tests
 
-test: lint ## Install, lint, then run the test suite (skips tests marked slow)
-	$(PY) -m pytest -m "not slow"
+# pytest-xdist workers: one per core of the 2-core machines this suite is sized for.
+TEST_WORKERS ?= 2
+
+test: lint ## Install, lint, then the quick tier: every contract, slow repeats left out (~5 min)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal
 
 test-full: lint ## The whole test suite, slow tests included
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-gpu: ## The GPU tests (marker gpu): every experiment on cuda, CPU parity, resume, NCCL
 	$(PY) -m pytest -m gpu -v

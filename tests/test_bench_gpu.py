@@ -41,6 +41,8 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+# A benchmark, not a contract of the suite: make test-full runs it (make bench-gpu on a GPU).
+@pytest.mark.slow
 def test_quick_run_measures_every_section_and_writes_the_report(tmp_path):
     out = tmp_path / "out"
     proc = run_bench("--out", str(out), "--scratch", str(tmp_path / "scratch"))

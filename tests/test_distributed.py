@@ -48,12 +48,14 @@ def test_evaluation_statistics_come_from_every_rank_and_agree(tmp_path):
     assert ranks[0]["after"] == ranks[1]["after"]
 
 
+@pytest.mark.slow  # make test-full: the reduce mode above is the default and in make test
 def test_broadcast_mode_takes_rank_zeros_statistics(tmp_path):
     ranks = rank_records(tmp_path, "broadcast")
     for r in ranks:
         assert r["after"] == ranks[0]["before"]
 
 
+@pytest.mark.slow  # make test-full; two processes take the same path in make test
 def test_one_process_under_torchrun_takes_the_distributed_path(mnist_root, tmp_path):
     run_dir = tmp_path / "one"
     proc = torchrun(
@@ -80,7 +82,11 @@ def test_one_process_under_torchrun_takes_the_distributed_path(mnist_root, tmp_p
     ("overrides", "message"),
     [
         (["trainer.sync_bn=true"], "trainer.sync_bn=true synchronises BN across processes"),
-        (["trainer.cuda_graph=true"], "trainer.cuda_graph=true cannot capture this run"),
+        pytest.param(  # make test-full: the same check as sync_bn's, for the CUDA graph
+            ["trainer.cuda_graph=true"],
+            "trainer.cuda_graph=true cannot capture this run",
+            marks=pytest.mark.slow,
+        ),
         (["trainer.dist_bn=mean"], "trainer.dist_bn='mean' is invalid"),
     ],
 )
@@ -100,6 +106,7 @@ def test_distributed_and_gpu_settings_that_cannot_apply_are_one_line(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # make test-full: one more one-line error, after the three above
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_one_line(mnist_root, tmp_path):
     proc = run_train(

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO, run_train
 from .test_faults import metrics_files
 
@@ -18,9 +20,9 @@ SWEEP = [
     "-m",
     "experiment=mnist/bn",
     "seed=1,2,3,4",
-    "trainer.steps=800",
-    "trainer.eval_every=200",
-    "trainer.checkpoint_every=200",
+    "trainer.steps=400",
+    "trainer.eval_every=100",
+    "trainer.checkpoint_every=100",
     "model.bn.population_batches=10",
     "logger=wandb",
 ]
@@ -79,7 +81,7 @@ def test_killed_sweep_resumes_without_retraining_finished_jobs(mnist_root, tmp_p
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for((sweep, "bn-seed3-*/metrics.jsonl"), '"step": 400,', proc)
+    wait_for((sweep, "bn-seed3-*/metrics.jsonl"), '"step": 200,', proc)
     proc.kill()
     proc.wait()
     finished = {s: (job_dir(sweep, s) / "metrics.jsonl").stat().st_mtime_ns for s in (1, 2)}
@@ -117,6 +119,8 @@ def make_reproduce(tmp_path: Path, mnist_root: Path) -> list[str]:
     ]
 
 
+# The killed-sweep test above checks the same contract in-process, faster (make test).
+@pytest.mark.slow
 def test_make_reproduce_mnist_after_a_kill_and_again(mnist_root, tmp_path):
     command = make_reproduce(tmp_path, mnist_root)
     env = os.environ | {"WANDB_MODE": "offline"}

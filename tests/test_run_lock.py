@@ -134,6 +134,7 @@ def test_second_process_is_refused_in_one_line_and_the_first_finishes_untouched(
     assert not (run_dir / LOCK_NAME).exists()  # released: a finished run keeps no lock file
 
 
+@pytest.mark.slow  # make test-full; SIGKILL-and-resume is in make test (test_faults)
 def test_killed_holders_run_is_taken_over_and_resumed(undisturbed, mnist_root, tmp_path):
     run_dir = tmp_path / "run"
     args = [*RUN, f"paths.data_dir={mnist_root}", f"hydra.run.dir={run_dir}"]
@@ -150,6 +151,7 @@ def test_killed_holders_run_is_taken_over_and_resumed(undisturbed, mnist_root, t
     assert not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.slow  # make test-full: the lock's torchrun path (rank 0 holds, all stop)
 def test_every_rank_of_a_refused_torchrun_launch_stops(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -188,6 +190,7 @@ def sweep_subdir(*overrides: str) -> str:
         return cfg.hydra.sweep.subdir
 
 
+@pytest.mark.slow  # make test-full: the refusal itself is tested above in make test
 def test_held_job_of_a_sweep_fails_alone_and_the_sweep_goes_on(mnist_root, tmp_path):
     sweep = tmp_path / "sweep"
     job = ["experiment=mnist/baseline", "trainer.steps=100", "trainer.eval_every=50", "logger=none"]

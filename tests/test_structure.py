@@ -174,7 +174,7 @@ def bn_stats_made(monkeypatch) -> list[BNStats]:
         ("mnist/bn", ()),
         ("mnist/bn", ("seeds=[1,2]",)),  # a StackedMLP and two MLPs, one normalisation
         ("ics/noisy_bn", ("trainer.ics.every=1",)),
-        ("fig2_small/bn_x5", ()),
+        pytest.param("fig2_small/bn_x5", (), marks=pytest.mark.slow),  # make test-full
     ],
 )
 def test_a_run_parses_model_bn_once(

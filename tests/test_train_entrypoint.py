@@ -179,6 +179,7 @@ def test_figure1_script_builds_from_run_logs(figure1_runs, tmp_path):
     assert result["bn_steps_to_baseline_final_acc"] <= 2000
 
 
+@pytest.mark.slow  # make test-full: W&B's online mode without credentials
 def test_wandb_online_without_credentials_falls_back_to_offline(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
     env = {"WANDB_MODE": "online", "HOME": str(tmp_path), "WANDB_API_KEY": ""}
@@ -197,6 +198,7 @@ def test_wandb_online_without_credentials_falls_back_to_offline(mnist_root, tmp_
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # make test-full; a blow-up in a multirun is recorded in make test (test_faults)
 def test_divergence_is_recorded_not_raised(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(

@@ -1,7 +1,7 @@
 """A task is what the loop trains on: batches in, evaluation records out.
 
-`build_task` picks the dataset's task from `data.name`; the loop (loop.py) never needs
-to know whether it trains the MNIST MLP or BN-Inception.
+`build_task` picks the dataset's task from `data.name` (what a task is: tasks/task.py); the
+loop (training/loop.py) never needs to know whether it trains the MNIST MLP or BN-Inception.
 """
 
 from __future__ import annotations
@@ -9,25 +9,8 @@ from __future__ import annotations
 from bnrepro.config.schema import RunConfig
 from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
-
-# What a task is and what each checks (tasks/task.py), under the package's name too.
-from bnrepro.tasks.task import (
-    POPULATION_SEED_OFFSET,
-    PRECISE_SEED_OFFSET,
-    Batches,
-    Task,
-    check_batch_size,
-)
+from bnrepro.tasks.task import Task
 from bnrepro.training.placement import Placement
-
-__all__ = [
-    "POPULATION_SEED_OFFSET",
-    "PRECISE_SEED_OFFSET",
-    "Batches",
-    "Task",
-    "build_task",
-    "check_batch_size",
-]
 
 
 def build_task(cfg: RunConfig, env: DistEnv, placement: Placement, bn: BNStats | None) -> Task:

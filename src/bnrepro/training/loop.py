@@ -27,7 +27,7 @@ from bnrepro.measures.bn_estimators import StatsEstimators
 from bnrepro.measures.ics import measured_step
 from bnrepro.measures.probes import nonlinearity_input_percentiles
 from bnrepro.models.batchnorm import BNStats
-from bnrepro.tasks import Task
+from bnrepro.tasks.task import Task
 from bnrepro.training.optim import StepwiseExponentialLR
 from bnrepro.training.placement import Placement, autocast
 

@@ -85,11 +85,11 @@ def train_held(cfg: RunConfig, env: DistEnv, run_dir: Path) -> list[dict[str, An
     device = device_name(env.device)
     norm = Normalization.from_model(cfg.model)  # model.norm and its settings, parsed once
     bn = norm.bn  # the BN statistics the task and loop ask (None without BN)
+    check_ics(cfg, env)  # settings that cannot apply: one line before any data is read
+    cuda_graph = use_cuda_graph(cfg, env, placement, bn)
     task = build_task(cfg, env, placement, bn)
     network, model = build_model(cfg, env, placement, norm)
-    check_ics(cfg, env)
     estimators = stats_estimators(cfg, network)
-    cuda_graph = use_cuda_graph(cfg, env, placement, bn)
     log.info(f"device: {device}" + (", CUDA graph" if cuda_graph else ""))
     if env.enabled:
         syncbn = " with SyncBatchNorm" if cfg.trainer.sync_bn else ""
