@@ -284,3 +284,27 @@ def test_the_models_choices_are_the_schemas():
     from bnrepro.models.mlp import ACTIVATIONS
 
     assert tuple(ACTIVATIONS) == choices(Activation)
+
+
+def test_sync_debug_is_a_checked_switch_outside_the_runs_identity(compose_cfg):
+    """trainer.sync_debug (null | warn | error) is parsed, and neither names a different result
+    (the run directory's hash) nor stops a resume (a checkpoint's identity): it only debugs."""
+    from bnrepro.config.resolvers import result_hash
+    from bnrepro.infra.checkpoint import identity
+
+    plain = compose_cfg("experiment=imagenet/bn_x30")
+    assert parse_config(plain).trainer.sync_debug is None  # off by default
+    for mode in ("warn", "error"):
+        cfg = compose_cfg("experiment=imagenet/bn_x30", f"trainer.sync_debug={mode}")
+        assert parse_config(cfg).trainer.sync_debug == mode
+        assert result_hash(cfg) == result_hash(plain)
+        assert identity(cfg) == identity(plain)
+    # The hash does see settings that change results: the equalities above can fail.
+    other = compose_cfg("experiment=imagenet/bn_x30", "trainer.steps=7")
+    assert result_hash(other) != result_hash(plain)
+    with pytest.raises(ConfigError) as err:
+        parse_config(compose_cfg("experiment=mnist/bn", "trainer.sync_debug=raise"))
+    assert str(err.value).startswith(
+        "trainer.sync_debug='raise' is invalid: expected null or warn or error"
+    )
+    assert "\n" not in str(err.value)

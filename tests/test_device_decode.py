@@ -15,9 +15,12 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from bnrepro.data.device_decode import (
+    Augmentation,
+    DataStream,
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
+    decode_and_augment,
     decode_batch,
     flip_batch,
     jitter_batch,
@@ -32,6 +35,7 @@ from bnrepro.data.imagenet import (
     TrainAugmentation,
     build_imagenet,
     build_train_batches,
+    collate_encoded,
     read_jpeg,
 )
 
@@ -208,6 +212,39 @@ def test_batched_jitter_matches_torchvision_per_image():
         worst = max(worst, (out[i] - expected).abs().max().item())
     assert worst < 1e-6  # measured: ~1e-7 (float32 rounding of a per-image vs scalar ratio)
     assert not torch.allclose(out, x, atol=0.01)  # the jitter did something
+
+
+def test_packed_parameters_give_what_each_step_gives_alone(root):
+    """decode_and_augment sends the flips, jitter and crop plan as one packed float64 tensor;
+    its batch equals the steps run one by one with the parameters as drawn, bit for bit."""
+    train, _ = build_imagenet(root, SIZE)
+    encoded = EncodedImages(train, TrainAugmentation(SIZE, photometric=1.0))
+    data, params, _ = collate_encoded([encoded[i, 100 + i] for i in range(8)])
+    assert params["flip"].any() and not params["flip"].all()  # both kinds of image
+    assert not torch.equal(params["order"], params["order"][:1].expand(8, 4))  # several orders
+    augmentation = Augmentation(**params)
+    for jitter in (True, False):
+        x = resized_crops(decode_batch(data, CPU), params["boxes"], SIZE)
+        x = flip_batch(x.div_(255.0), params["flip"])
+        if jitter:
+            x = jitter_batch(x, params["factors"], params["order"])
+        expected = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        out = decode_and_augment(data, augmentation, SIZE, CPU, jitter)
+        assert out.dtype == torch.uint8 and torch.equal(out, expected)
+    # A mixed-up parameter shows: unflipped images differ.
+    unflipped = Augmentation(params["boxes"], ~params["flip"], params["factors"], params["order"])
+    assert not torch.equal(
+        decode_and_augment(data, unflipped, SIZE, CPU, True),
+        decode_and_augment(data, augmentation, SIZE, CPU, True),
+    )
+
+
+def test_the_data_stream_is_a_plain_call_on_a_cpu():
+    stream = DataStream(CPU)
+    assert stream.stream is None
+    x = torch.arange(3)
+    out = stream.run(lambda: (x, x + 1))
+    assert out[0] is x and torch.equal(out[1], torch.tensor([1, 2, 3]))
 
 
 # (d) both paths end to end ------------------------------------------------------------------

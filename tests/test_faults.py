@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bnrepro.data.mnist import RAW_FILES, raw_dir
-from bnrepro.infra.checkpoint import load, save_atomic
+from bnrepro.infra.checkpoint import FORMAT_VERSION, load, save_atomic
 from bnrepro.infra.preemption import EXIT_PREEMPTED
 
 from .conftest import REPO, run_train
@@ -163,7 +163,7 @@ def test_divergence_threshold_and_the_sweep_goes_on(mnist_root, tmp_path):
 
 def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_atomic({"version": 1, "step": 1}, path)
+    save_atomic({"version": FORMAT_VERSION, "step": 1}, path)
 
     def torn_save(payload, f):
         f.write(b"half a checkpoint")
@@ -171,7 +171,7 @@ def test_atomic_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError):
-        save_atomic({"version": 1, "step": 2}, path)
+        save_atomic({"version": FORMAT_VERSION, "step": 2}, path)
     assert load(path)["step"] == 1
 
 
@@ -333,3 +333,25 @@ def test_slurm_sweep_without_slurm_is_one_line_and_starts_nothing(launcher, tmp_
         f"here with hydra/launcher=joblib or hydra/launcher=local_procs"
     ]
     assert not sweep.exists()
+
+
+def test_a_format_1_checkpoint_loads_as_one_ranks(tmp_path):
+    """Checkpoints written before per-rank states (format 1: rank 0's states at the top) still
+    resume a one-process run: load() reads them as the states of one rank."""
+    path = tmp_path / "last.pt"
+    rng = {"torch": torch.get_rng_state()}
+    save_atomic(
+        {
+            "version": 1,
+            "step": 3,
+            "rng": rng,
+            "train_batches": {"position": 3},
+            "population_batches": None,
+        },
+        path,
+    )
+    payload = load(path)
+    assert FORMAT_VERSION == 2 and len(payload["ranks"]) == 1
+    (own,) = payload["ranks"]
+    assert torch.equal(own["rng"]["torch"], rng["torch"]) and own["train_batches"]["position"] == 3
+    assert own["buffers"] is None and "rng" not in payload

@@ -11,7 +11,9 @@ losses and 1e-2 absolute on the percentiles.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,12 +23,13 @@ import torch
 
 from bnrepro.analysis.runs import find_runs, read_metrics
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
+from bnrepro.infra.checkpoint import load
 from bnrepro.models.batchnorm import BNStats, recompute_population_stats
 from bnrepro.models.mlp import MLP
 from bnrepro.models.norms import Normalization
 
 from .conftest import REPO, run_train
-from .test_distributed import torchrun
+from .test_distributed import RESUMED_RUN, start_torchrun, torchrun, wait_for_eval, workers_of
 from .test_faults import assert_same_run, start_train, wait_for_step
 
 pytestmark = pytest.mark.gpu
@@ -182,6 +185,34 @@ def test_kill_and_resume_on_cuda_gives_identical_metrics(mnist_root, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert_same_run(reference, run_dir)
+
+
+def test_torchrun_resume_on_cuda_restores_every_ranks_gpu_stream(mnist_root, tmp_path):
+    """Issue 19 on NCCL: the ranks' states are gathered to rank 0 by a collective on the GPU,
+    each rank's CUDA random state (its dropout masks) comes back onto its own device, and the
+    resumed run's metrics equal the uninterrupted run's. As many ranks as GPUs, at most 2."""
+    nproc = min(2, torch.cuda.device_count())
+    args = [*RESUMED_RUN, "trainer.device=cuda", "trainer.steps=6000"]
+    args.append(f"paths.data_dir={mnist_root}")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = torchrun(*args, f"hydra.run.dir={whole}", nproc=nproc)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    launcher = start_torchrun(*args, f"hydra.run.dir={cut}", nproc=nproc)
+    workers = workers_of(launcher, nproc)
+    wait_for_eval(cut / "metrics.jsonl", 400, launcher)
+    time.sleep(random.uniform(0.0, 0.3))
+    for pid in [launcher.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    resumed = torchrun(*args, f"hydra.run.dir={cut}", nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert (cut / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+    final = load(cut / "checkpoints" / "last.pt")
+    assert len(final["ranks"]) == nproc and all("cuda" in r["rng"] for r in final["ranks"])
+    reference = load(whole / "checkpoints" / "last.pt")
+    for a, b in zip(reference["ranks"], final["ranks"], strict=True):
+        assert torch.equal(a["rng"]["cuda"], b["rng"]["cuda"])
 
 
 def test_one_process_under_torchrun_uses_nccl_ddp_and_syncbn(fake_imagenet, tmp_path):

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import TensorDataset
 from torchvision.transforms import v2
 
+from bnrepro.config.schema import parse_config
 from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.data.imagenet import (
     IMAGENET_MEAN,
@@ -27,9 +29,15 @@ from bnrepro.data.imagenet import (
     resolve_decode,
     sample_seed,
     topk_correct,
+    topk_hits,
     train_transform,
 )
 from bnrepro.errors import DataError
+from bnrepro.infra.distributed import DistEnv
+from bnrepro.models.norms import Normalization
+from bnrepro.tasks import build_task
+from bnrepro.training.placement import decide_placement
+from bnrepro.training.run import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,6 +264,46 @@ def test_topk_correct_counts():
     assert topk_correct(logits, target, ks=(2,)) == {2: 2}
     three = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
     assert topk_correct(three, torch.tensor([2, 1])) == {1: 0, 5: 2}  # k=5 clipped to 3
+    # The device variant: the same counts, as 0-dim int64 tensors (nothing read on the host).
+    hits = topk_hits(logits, target)
+    assert all(h.shape == () and h.dtype == torch.int64 for h in hits.values())
+    assert {k: int(h) for k, h in hits.items()} == {1: 2, 5: 3}
+    with pytest.raises(ValueError, match="every k must be >= 1"):
+        topk_hits(logits, target, ks=(0,))
+
+
+def test_validation_summed_on_the_device_equals_the_host_sums(compose_cfg, fake_root):
+    """The ImageNet task's evaluation sums loss and top-k counts on the device and reads them
+    once; its numbers are those of the per-batch host reads it replaced (a Python float sum of
+    each batch's loss, integer counts), exactly, over batches of 5, 5 and 2 images."""
+    cfg = parse_config(
+        compose_cfg(
+            "experiment=imagenet/bn_x30",
+            f"paths.imagenet_dir={fake_root}",
+            "++data.image_size=32",
+            "++data.batch_size=5",
+            "++data.workers=0",
+            "++model.num_classes=3",
+            "++trainer.probe.num_images=2",
+        )
+    )
+    env = DistEnv()
+    placement = decide_placement(cfg, env)
+    norm = Normalization.from_model(cfg.model)
+    network, _ = build_model(cfg, env, placement, norm)
+    (record,) = build_task(cfg, env, placement, norm.bn).evaluate(network)
+    _, val_set = build_imagenet(fake_root, image_size=32)
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    network.eval()
+    with torch.inference_mode():
+        for images, labels in build_val_loader(val_set, batch_size=5, workers=0):
+            logits = network(normalize_batch(images, torch.device("cpu")))
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct = topk_correct(logits, labels, (1, 5))
+            top1, top5, n = top1 + correct[1], top5 + correct[5], n + labels.numel()
+    assert n == 12
+    expected = {"val/loss": loss_sum / n, "val/top1": 100 * top1 / n, "val/top5": 100 * top5 / n}
+    assert record == expected
 
 
 def test_module_cli_writes_a_tree(tmp_path):

@@ -72,6 +72,19 @@ def test_the_cuda_graph_follows_the_placement(run_config):
         use_cuda_graph(insist, CPU, decide_placement(insist, CPU), bn)
 
 
+def test_imagenet_is_never_captured_in_a_cuda_graph(run_config):
+    """Even with a constant rate and no autocast (the MLP's conditions), an ImageNet run is not
+    captured: its loader's pin-memory thread calls CUDA while the capture runs."""
+    flat = ("optim.schedule=null", "trainer.amp=null")
+    cfg = run_config("imagenet/bn_x30", *flat)
+    bn = Normalization.from_model(cfg.model).bn
+    assert bn is not None and bn.layer_momentum is not None  # EMA: no BN obstacle
+    assert not use_cuda_graph(cfg, GPU, decide_placement(cfg, GPU), bn)
+    insist = run_config("imagenet/bn_x30", *flat, "trainer.cuda_graph=true")
+    with pytest.raises(ConfigError, match="cannot capture this run: the ImageNet loader's"):
+        use_cuda_graph(insist, GPU, decide_placement(insist, GPU), bn)
+
+
 def test_autocast_is_the_placements_dtype_or_off():
     x = torch.randn(4, 3)
     with Placement(torch.device("cpu"), None, torch.contiguous_format, False).autocast():

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from bnrepro.config.resolvers import register_resolvers
 from bnrepro.config.schema import parse_config
 from bnrepro.errors import RunHeld, UserError
+from bnrepro.infra.launcher_watch import die_with_launcher
 from bnrepro.infra.preflight import preflight
 from bnrepro.speedups.mkl_vendor import skip_vendor_check
 
@@ -68,7 +69,9 @@ def main(cfg: DictConfig) -> None:
 
 def run() -> None:
     """The console entry (`bnrepro-train`, `python -m bnrepro.train`): check the command line
-    first, so that a typo costs one line and no job starts, then hand it to Hydra."""
+    first, so that a typo costs one line and no job starts, then hand it to Hydra. A torchrun
+    worker first arranges to end with its launcher (infra/launcher_watch.py)."""
+    die_with_launcher()
     try:
         preflight(sys.argv[1:], CONFIG_DIR)
     except UserError as exc:

@@ -50,6 +50,7 @@ NOT_RESULT = (
     "trainer.num_threads",
     "trainer.checkpoint_every",
     "trainer.sync_every",
+    "trainer.sync_debug",
     "trainer.cudnn_benchmark",
     "trainer.cuda_graph",
     "trainer.mkl_skip_vendor_check",

@@ -402,6 +402,8 @@ class TrainerConfig(_Section):
     cuda_graph: Annotated[CudaGraph, expect("auto or true or false")]
     cudnn_benchmark: StrictBool
     sync_every: PositiveInt
+    # GPU: torch's sync debug mode during the steps (training/loop.SyncDebug); null: off.
+    sync_debug: Annotated[Literal["warn", "error"], expect("null or warn or error")] | None
     progress: StrictBool
     checkpoint_every: NonNegativeInt
     diverge_loss: Annotated[StrictFloat, Field(gt=0), expect("null or a positive number")] | None

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from bnrepro.data.transfer import to_device
+
 
 class ShuffledBatches:
     """Endless epochs; each a fresh permutation per generator, the last incomplete batch
@@ -44,8 +46,9 @@ class ShuffledBatches:
         cut = orders[:, : self.n_batches * self.batch_size]
         self.steps = cut.view(len(self.generators), self.n_batches, self.batch_size)
         # CPU generators on every device (a seed means the same order on CPU and GPU); the
-        # epoch's indices then move to the data's device once, not once per step.
-        self.steps = self.steps.transpose(0, 1).contiguous().to(self.x.device)
+        # epoch's indices then move to the data's device once, not once per step, and without
+        # a host sync (to_device: a pinned, asynchronous copy on a GPU).
+        self.steps = to_device(self.steps.transpose(0, 1).contiguous(), self.x.device)
         self.position = 0
 
     def __iter__(self) -> ShuffledBatches:

@@ -34,7 +34,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from bnrepro.data.device_decode import Augmentation, decode_and_augment
+from bnrepro.data.device_decode import Augmentation, DataStream, decode_and_augment
 from bnrepro.errors import ConfigError, DataError
 
 # The per-channel statistics of the ImageNet training set that every torchvision model uses.
@@ -118,10 +118,24 @@ def normalize_batch(
     device. Same operations as v2.ToDtype(float32, scale=True) followed by v2.Normalize.
     """
     x = x.to(device, non_blocking=True).to(torch.float32).mul_(1.0 / 255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+    mean, std = normalization_constants(device)
     x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalization_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as (3, 1, 1) float32 tensors on `device`, made once per device
+    and kept: `torch.tensor(..., device=)` is a blocking copy, a host sync per batch if made
+    per batch. The first call copies (blocking, so the constants are ready for any stream):
+    `build_train_batches` makes that call, before any training step."""
+    if device not in _CONSTANTS:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(-1, 1, 1)
+        _CONSTANTS[device] = (mean, std)
+    return _CONSTANTS[device]
 
 
 def _make_params(transform: v2.Transform, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -429,6 +443,7 @@ def build_train_batches(
     that the model's dropout uses.
     """
     sampler = EndlessShards(len(train_set), batch_size, seed, world_size, rank)
+    normalization_constants(device)  # made now, outside the training steps
     common = {
         "batch_size": batch_size,
         "sampler": sampler,
@@ -448,13 +463,18 @@ def build_train_batches(
         dataset = EncodedImages(train_set, augmentation)
         loader = DataLoader(dataset, collate_fn=collate_encoded, **common)
         jitter = augmentation.jitter is not None
+        stream = DataStream(device)  # this iterator's own (GPU), see DataStream for why
 
         def prepare(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             data, params, y = batch
-            x = decode_and_augment(
-                data, Augmentation(**params), augmentation.image_size, device, jitter
-            )
-            return normalize_batch(x, device, channels_last), y.to(device, non_blocking=True)
+
+            def work() -> tuple[torch.Tensor, torch.Tensor]:
+                x = decode_and_augment(
+                    data, Augmentation(**params), augmentation.image_size, device, jitter
+                )
+                return normalize_batch(x, device, channels_last), y.to(device, non_blocking=True)
+
+            return stream.run(work)
 
     else:
         raise ConfigError(f"decode must be 'workers' or 'device' here, got {decode!r}")
@@ -492,14 +512,11 @@ def build_val_loader(
     )
 
 
-def topk_correct(
+def topk_hits(
     logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)
-) -> dict[int, int]:
-    """How many samples have their target among the k highest logits, for each k in `ks`.
-
-    Counts rather than rates, so shards and batches can be summed before dividing. A k above the
-    number of classes is clipped to it (every sample is then correct), keeping the keys of `ks`.
-    """
+) -> dict[int, torch.Tensor]:
+    """`topk_correct`'s counts as 0-dim int64 tensors on the logits' device, read by nobody:
+    no host sync, so an evaluation can sum them on the device and read the totals once."""
     if logits.ndim != 2 or target.shape != logits.shape[:1]:
         raise ValueError(
             f"logits must be (N, C) and target (N,), got {tuple(logits.shape)} and "
@@ -512,4 +529,15 @@ def topk_correct(
     clipped = {k: min(k, logits.shape[1]) for k in ks}
     top = logits.topk(max(clipped.values()), dim=1).indices  # (N, maxk), best first
     hits = top.eq(target.reshape(-1, 1))
-    return {k: int(hits[:, :kk].any(dim=1).sum().item()) for k, kk in clipped.items()}
+    return {k: hits[:, :kk].any(dim=1).sum() for k, kk in clipped.items()}
+
+
+def topk_correct(
+    logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> dict[int, int]:
+    """How many samples have their target among the k highest logits, for each k in `ks`.
+
+    Counts rather than rates, so shards and batches can be summed before dividing. A k above the
+    number of classes is clipped to it (every sample is then correct), keeping the keys of `ks`.
+    """
+    return {k: int(count.item()) for k, count in topk_hits(logits, target, ks).items()}

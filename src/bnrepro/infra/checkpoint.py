@@ -1,9 +1,16 @@
 """Checkpoints: everything a run needs to continue exactly where it stopped.
 
-A checkpoint holds the network (BN buffers included), optimizer, scheduler, every RNG state,
-the data iterators' positions, the loop's state (step, metrics so far, which members are still
-training) and the W&B run ids. It is written atomically (temporary file, fsync, rename), so a
-kill during a write leaves the previous checkpoint intact.
+A checkpoint holds the network, optimizer, scheduler, the loop's state (step, metrics so far,
+which members are still training) and the W&B run ids, and for every rank of a torchrun job
+what is that rank's own: its CPU and CUDA random states (its dropout and augmentation streams),
+its data iterators' positions and its BN buffers (rank-local under DDP until an evaluation
+averages them). Rank 0 gathers these and writes one file; on resume each rank takes its own
+entry, the CUDA state onto its own device. It is written atomically (temporary file, fsync,
+rename), so a kill during a write leaves the previous checkpoint intact.
+
+A resume with another number of processes stops with one line (CheckpointError): rank r's
+streams and data shard have no counterpart in a job of another size, so no rule would continue
+the same run. The number of GPUs on the machine does not matter, only the number of ranks.
 """
 
 from __future__ import annotations
@@ -19,14 +26,18 @@ from omegaconf import DictConfig
 
 from bnrepro.config.resolvers import settings_except
 from bnrepro.errors import UserError
+from bnrepro.infra.distributed import DistEnv, gather_to_main
 
-FORMAT_VERSION = 1
+# 2: per-rank states in "ranks". Version 1 (one "rng", rank 0's) still loads for one process.
+FORMAT_VERSION = 2
 # What a resumed run may change: how long it trains, how it reports, where files go.
 NOT_IDENTITY = {
     "trainer.steps",
     "trainer.progress",
     "trainer.num_threads",
     "trainer.checkpoint_every",
+    "trainer.sync_every",
+    "trainer.sync_debug",
     "logger",
     "paths",
     "hydra",
@@ -70,11 +81,20 @@ def load(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is unreadable ({type(exc).__name__}); delete it to start "
             f"over, or pass resume=never or a new hydra.run.dir"
         ) from exc
-    if not isinstance(payload, dict) or payload.get("version") != FORMAT_VERSION:
+    if not isinstance(payload, dict) or payload.get("version") not in (1, FORMAT_VERSION):
         raise CheckpointError(
             f"{path} is not a bnrepro checkpoint (format {FORMAT_VERSION}); "
             f"pass resume=never or a new hydra.run.dir"
         )
+    if payload["version"] == 1:  # one process's states at the top level: that one rank's
+        payload["ranks"] = [
+            {
+                "rng": payload.pop("rng"),
+                "train_batches": payload.pop("train_batches"),
+                "population_batches": payload.pop("population_batches"),
+                "buffers": None,
+            }
+        ]
     return payload
 
 
@@ -95,23 +115,32 @@ def check_identity(path: Path, saved: dict[str, Any], current: dict[str, Any]) -
         )
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states: CPU torch, numpy, python, and its own GPU's (not every
+    GPU's: under torchrun rank r draws on device r alone, and only its state is its own)."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore `rng_state`'s states, the CUDA one onto `device`. A checkpoint written on a CPU
+    and resumed on a GPU keeps the GPU's seeded state (seed_everything); one from a GPU resumed
+    on a CPU has no GPU stream to restore. Neither is the same run: placement changes numbers."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # format 1 saved every GPU's state; this process used its own
+        index = device.index or 0 if device.type == "cuda" else 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:
@@ -140,7 +169,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         task: Any,
-        enabled: bool = True,
+        env: DistEnv,
     ) -> None:
         self.folder = checkpoint_dir(run_dir)
         self.identity = identity(cfg)
@@ -150,15 +179,30 @@ class Checkpointer:
             scheduler,
             task,
         )
-        self.enabled = enabled
+        self.env = env
         self.trackers: list[Any] = []
         self.wandb_ids: list[str | None] | None = None
         self.best = float("-inf")
         self.last_state: Any = None
 
+    def rank_state(self) -> dict[str, Any]:
+        """What is this rank's own: random states, data positions, BN buffers (on the CPU)."""
+        task = self.task
+        return {
+            "rng": rng_state(self.env.device),
+            "train_batches": task.train_batches.state_dict(),
+            "population_batches": task.population_batches.state_dict()
+            if task.population_batches is not None
+            else None,
+            "buffers": {k: b.detach().cpu() for k, b in self.network.named_buffers()},
+        }
+
     def save(self, state: Any) -> None:
+        """Every rank calls this at the same step (a collective gathers the ranks' states);
+        rank 0 writes."""
         self.last_state = state
-        if not self.enabled:
+        ranks = gather_to_main(self.env, self.rank_state())
+        if not self.env.is_main:
             return
         task = self.task
         payload = {
@@ -168,11 +212,7 @@ class Checkpointer:
             "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "rng": rng_state(),
-            "train_batches": task.train_batches.state_dict(),
-            "population_batches": task.population_batches.state_dict()
-            if task.population_batches is not None
-            else None,
+            "ranks": ranks,
             "state": state,
             "best": self.best,
             "wandb_ids": [t.wandb_id for t in self.trackers],
@@ -200,14 +240,26 @@ class Checkpointer:
         the loop state to continue from."""
         payload = load(path)
         check_identity(path, payload["identity"], self.identity)
+        env = self.env
+        if len(payload["ranks"]) != env.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {len(payload['ranks'])} process(es) and this "
+                f"job has {env.world_size}: resume it with as many (torchrun "
+                f"--nproc_per_node=...), or start over with resume=never or a new hydra.run.dir"
+            )
         self.network.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"])
-        self.task.train_batches.load_state_dict(payload["train_batches"])
-        if payload["population_batches"] is not None and self.task.population_batches is not None:
-            self.task.population_batches.load_state_dict(payload["population_batches"])
+        own = payload["ranks"][env.rank]
+        if own["buffers"] is not None:  # this rank's running statistics, not rank 0's
+            with torch.no_grad():
+                for name, buffer in self.network.named_buffers():
+                    buffer.copy_(own["buffers"][name])
+        set_rng_state(own["rng"], env.device)
+        self.task.train_batches.load_state_dict(own["train_batches"])
+        if own["population_batches"] is not None and self.task.population_batches is not None:
+            self.task.population_batches.load_state_dict(own["population_batches"])
         self.best, self.wandb_ids = payload["best"], payload["wandb_ids"]
         self.last_state = payload["state"]
         return payload["state"]

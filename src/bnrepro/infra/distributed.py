@@ -89,8 +89,13 @@ def init_distributed(device: str = "auto") -> DistEnv:
     # Placement (training/placement.py, made from this DistEnv); NCCL runs on GPUs only.
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+    if not dist.is_initialized() and torch_device.type == "cuda":
+        # device_id binds the group to this process's GPU: NCCL forms its communicator now
+        # (an NCCL problem fails here, not at the first all-reduce) and never guesses the
+        # device from the rank.
+        dist.init_process_group(backend="nccl", device_id=torch_device)
+    elif not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, True)
 
 
@@ -116,12 +121,22 @@ def broadcast_object(env: DistEnv, value: object) -> object:
     return box[0]
 
 
-def sum_across_ranks(env: DistEnv, values: list[float]) -> list[float]:
+def gather_to_main(env: DistEnv, value: object) -> list[object] | None:
+    """Every rank's `value` (picklable, CPU tensors) as a list on rank 0, in rank order; None on
+    the other ranks. A collective: every rank calls it at the same point."""
     if not env.enabled:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+        return [value]
+    gathered: list[object] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def sum_across_ranks(env: DistEnv, values: torch.Tensor) -> list[float]:
+    """The sum over ranks of `values` (a 1-d float64 tensor on this rank's device, summed in
+    place), read on the host: the one deliberate sync of, e.g., a whole evaluation."""
+    if env.enabled:
+        dist.all_reduce(values)
+    return values.tolist()
 
 
 def replicas_in_sync(env: DistEnv, model: nn.Module) -> bool:

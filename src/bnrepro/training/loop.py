@@ -7,9 +7,10 @@ as diverged and no longer logged, while the others train on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,49 @@ class Preempted(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"preempted at step {step}")
         self.step = step
+
+
+# trainer.sync_debug -> torch.cuda.set_sync_debug_mode's levels (0, off, is "default").
+SYNC_DEBUG_MODES = {"warn": 1, "error": 2}
+
+
+class SyncDebug:
+    """trainer.sync_debug: torch's CUDA sync debug mode (warn or error) while `fit` runs its
+    steps, so that a host-device sync hidden in a step (`.item()`, a blocking copy to or from
+    the GPU) warns or raises where it happens. The loop's deliberate syncs run inside
+    `allowed()`; leaving the context restores the mode found on entering it.
+
+    A no-op on a CPU (there is no device to wait for; nothing here touches torch.cuda then).
+    torch's check covers copies and stream synchronisations, not event waits: the device
+    decoder's wait for its own stream (data/device_decode.DataStream) needs no exemption.
+    """
+
+    def __init__(self, mode: str | None, device: torch.device) -> None:
+        self.level = SYNC_DEBUG_MODES[mode] if mode is not None and device.type == "cuda" else 0
+        self.previous = 0
+
+    def __enter__(self) -> SyncDebug:
+        if self.level:
+            self.previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(self.level)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.level:
+            torch.cuda.set_sync_debug_mode(self.previous)
+
+    @contextlib.contextmanager
+    def allowed(self) -> Iterator[None]:
+        """A deliberate sync: the mode is off inside, and back to what it was after."""
+        if not self.level:
+            yield
+            return
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
 
 
 def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -161,6 +205,8 @@ def fit(
     in a small log that the host reads every `trainer.sync_every` steps and at every evaluation,
     checkpoint and stop (on a CPU that costs nothing). Divergence is then found at its exact
     step; a diverged member trains on (uselessly, members never mix) until that read.
+    `trainer.sync_debug` has torch check that on a GPU (SyncDebug): those reads, evaluations,
+    checkpoints and trainer.ics's measured steps are its only allowed syncs.
     """
     network = getattr(model, "module", model)
     network = getattr(network, "_orig_mod", network)  # under torch.compile
@@ -174,6 +220,7 @@ def fit(
         return train_step(model, optimizer, x, y, placement.autocast_dtype)
 
     run_step = GraphStep(step_fn) if cuda_graph else step_fn
+    sync_debug = SyncDebug(trainer.sync_debug, placement.device)
     loss_log = torch.empty(trainer.sync_every, len(trackers), device=placement.device)
     logged = 0  # steps in loss_log not yet read by the host
 
@@ -228,11 +275,12 @@ def fit(
         dynamic_ncols=True,
         disable=not (trainer.progress and env.is_main),
     )
-    with bar:
+    with bar, sync_debug:
         while state.step < trainer.steps and alive:
             x, y = next(task.train_batches)
             if trainer.ics is not None and state.step % trainer.ics.every == 0:
-                loss_log[logged].copy_(measure(x, y))
+                with sync_debug.allowed():  # measured steps log their records at once
+                    loss_log[logged].copy_(measure(x, y))
             else:
                 loss_log[logged].copy_(run_step(x, y), non_blocking=True)
             logged += 1
@@ -248,25 +296,28 @@ def fit(
             sync = evaluate or checkpoint or logged == trainer.sync_every
             if not (sync or (stop and not env.enabled)):  # ranks agree on stops at syncs only
                 continue
-            stop = read_losses(step - logged + 1, stop)
-            state.loss_count += logged
-            logged = 0
-            for i in alive:
-                results[i].steps = step
-            if alive and evaluate:
-                speed = state.loss_count / (time.perf_counter() - window_start)
-                means = (state.loss_sum / state.loss_count).tolist()
-                evaluate_and_log(step, [{"train/loss": m} for m in means])
-                for tracker in trackers:
-                    tracker.log_perf({"step": step, "perf/steps_per_s": speed})
-                first = results[alive[0]].history[-1]
-                bar.set_postfix(loss=f"{first['train/loss']:.4f}", acc=f"{first[task.monitor]:.2f}")
-                state.loss_sum.zero_()
-                state.loss_count = 0
-                window_start = time.perf_counter()
-            if stop or checkpoint or not alive:
-                state.seconds = seconds_before + time.perf_counter() - started
-                save_checkpoint(state)
+            with sync_debug.allowed():  # the deliberate syncs: losses, evaluation, checkpoint
+                stop = read_losses(step - logged + 1, stop)
+                state.loss_count += logged
+                logged = 0
+                for i in alive:
+                    results[i].steps = step
+                if alive and evaluate:
+                    speed = state.loss_count / (time.perf_counter() - window_start)
+                    means = (state.loss_sum / state.loss_count).tolist()
+                    evaluate_and_log(step, [{"train/loss": m} for m in means])
+                    for tracker in trackers:
+                        tracker.log_perf({"step": step, "perf/steps_per_s": speed})
+                    first = results[alive[0]].history[-1]
+                    bar.set_postfix(
+                        loss=f"{first['train/loss']:.4f}", acc=f"{first[task.monitor]:.2f}"
+                    )
+                    state.loss_sum.zero_()
+                    state.loss_count = 0
+                    window_start = time.perf_counter()
+                if stop or checkpoint or not alive:
+                    state.seconds = seconds_before + time.perf_counter() - started
+                    save_checkpoint(state)
             if stop:
                 raise Preempted(step)
     return results

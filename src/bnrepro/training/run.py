@@ -99,9 +99,7 @@ def train_held(cfg: RunConfig, env: DistEnv, run_dir: Path) -> list[dict[str, An
         )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
-    checkpoints = Checkpointer(
-        run_dir, cfg.source, network, optimizer, scheduler, task, env.is_main
-    )
+    checkpoints = Checkpointer(run_dir, cfg.source, network, optimizer, scheduler, task, env)
     resume_from = find_resume(cfg.resume, run_dir)
     state = checkpoints.restore(resume_from) if resume_from else None
     if state is not None:
@@ -206,6 +204,10 @@ def use_cuda_graph(cfg: RunConfig, env: DistEnv, placement: Placement, bn: BNSta
         (
             bn is not None and bn.layer_momentum is None,
             "model.bn.stats=cumulative reads its momentum on the host",
+        ),
+        (
+            cfg.data.name == "imagenet",
+            "the ImageNet loader's pin-memory thread calls CUDA during the capture",
         ),
     ]
     reasons = [why for present, why in obstacles if present]
