@@ -184,7 +184,7 @@ JOB = [
     "dropout=inception",
     "logger=none",
     "trainer.eval_every=200",
-    "trainer.checkpoint_every=300",
+    "trainer.checkpoint_every=200",
 ]
 RESUMED_RUN = ["-m", "bnrepro.train", *JOB, "trainer.progress=false"]
 
@@ -196,25 +196,28 @@ def test_torchrun_killed_mid_run_resumes_every_rank_bit_identically(mnist_root, 
     dropout masks and data after a resume, and the metrics left the uninterrupted run's."""
     data = f"paths.data_dir={mnist_root}"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    args = [*RESUMED_RUN, "trainer.steps=900", data]
+    args = [*RESUMED_RUN, "trainer.steps=600", data]
     proc = torchrun(*args, f"hydra.run.dir={whole}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     launcher = start_torchrun(*args, f"hydra.run.dir={cut}")
     workers = workers_of(launcher, 2)
-    wait_for_eval(cut / "metrics.jsonl", 400, launcher)
-    time.sleep(random.uniform(0.0, 0.5))  # somewhere before the step-600 checkpoint
+    wait_for_eval(cut / "metrics.jsonl", 200, launcher)
+    while not (cut / "checkpoints" / "last.pt").exists():  # the step-200 checkpoint
+        assert launcher.poll() is None
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))  # somewhere before the step-400 checkpoint
     for pid in [launcher.pid, *workers]:  # all of it, as a node failure would
         os.kill(pid, signal.SIGKILL)
     launcher.wait()
-    assert load(cut / "checkpoints" / "last.pt")["step"] < 900
+    assert load(cut / "checkpoints" / "last.pt")["step"] < 600
     resumed = torchrun(*args, f"hydra.run.dir={cut}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
 
     assert (cut / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
     a, b = load(whole / "checkpoints" / "last.pt"), load(cut / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 900
+    assert a["step"] == b["step"] == 600
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert json.loads((cut / "summary.json").read_text())["replicas_in_sync"] is True
     for rank_a, rank_b in zip(a["ranks"], b["ranks"], strict=True):  # every rank's own state
@@ -230,7 +233,7 @@ def test_torchrun_killed_mid_run_resumes_every_rank_bit_identically(mnist_root, 
         rank0["train_batches"]["epoch_states"][0], rank1["train_batches"]["epoch_states"][0]
     )
     # Rank r's streams exist only in a job of that size: one process may not continue it.
-    longer = run_train(*JOB, "trainer.steps=1300", data, f"hydra.run.dir={whole}")
+    longer = run_train(*JOB, "trainer.steps=700", data, f"hydra.run.dir={whole}")
     assert longer.returncode == 2
     last = longer.stderr.strip().splitlines()[-1]
     assert "was written by 2 process(es) and this job has 1" in last, longer.stderr[-2000:]
