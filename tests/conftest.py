@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from bnrepro.config.resolvers import register_resolvers
+from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.data.mnist import RAW_FILES, raw_dir, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +102,10 @@ def fashion_root() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"CI needs Fashion-MNIST in {folder}; set DATA_DIR=../shared/data")
     pytest.skip(f"real Fashion-MNIST not found in {folder} (set DATA_DIR)")
+
+
+@pytest.fixture(scope="module")
+def fake_imagenet(tmp_path_factory) -> Path:
+    """A 3-class ImageFolder of 96x80 JPEGs (16 per class), for the GPU tests."""
+    root = tmp_path_factory.mktemp("imagenet")
+    return make_fake_imagefolder(root, num_classes=3, train_per_class=16, size=(96, 80))

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from bnrepro.analysis.runs import find_runs, read_metrics
-from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.infra.checkpoint import load
 from bnrepro.models.batchnorm import BNStats, recompute_population_stats
 from bnrepro.models.mlp import MLP
@@ -46,12 +45,6 @@ SMALL_IMAGENET = [
     "++trainer.probe.num_images=6",
     "++model.bn.population_batches=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def fake_imagenet(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imagenet")
-    return make_fake_imagefolder(root, num_classes=3, train_per_class=16, size=(96, 80))
 
 
 def completed(sweep: Path) -> list[dict]:

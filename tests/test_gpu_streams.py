@@ -28,36 +28,22 @@ from bnrepro.data.device_decode import (
     decode_and_augment,
     decode_batch,
 )
-from bnrepro.data.fake_imagefolder import make_fake_imagefolder
 from bnrepro.data.imagenet import TrainAugmentation
 from bnrepro.data.transfer import to_device
 from bnrepro.training.loop import SyncDebug
 
 from .conftest import run_train
+from .test_gpu import SMALL_IMAGENET
 
 pytestmark = pytest.mark.gpu
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0)
-SMALL_IMAGENET = [
-    "++data.image_size=64",
-    "++data.batch_size=8",
-    "++data.workers=2",
-    "++model.num_classes=3",
-    "++trainer.probe.num_images=6",
-    "++model.bn.population_batches=2",
-]
 # torchvision's own bound between nvJPEG and libjpeg decodes of one file (its
 # test_decode_jpeg_cuda): a mean absolute difference under 2 grey levels. Overwritten or
 # unwritten memory is off by tens.
 JPEG_MEAN_DIFF = 2.0
 ITERATIONS = 20
-
-
-@pytest.fixture(scope="module")
-def fake_imagenet(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imagenet")
-    return make_fake_imagefolder(root, num_classes=3, train_per_class=16, size=(96, 80))
 
 
 def completed(run_dir: Path) -> dict:
