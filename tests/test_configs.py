@@ -173,7 +173,7 @@ def test_bad_values_are_one_clear_line(compose_cfg, override, message):
         ("optim.schedule.gamma=2", "optim.schedule.gamma=2 is invalid"),
         ("trainer.amp=fp8", "trainer.amp='fp8' is invalid"),
         ("+model.hidden=[10]", "model.hidden is not a setting"),
-        ("seeds=[1,2]", "seeds=[...] (stacked training) needs the MNIST MLP"),
+        ("seeds=[1,2]", "seeds=[...] (stacked training) needs an in-memory dataset"),
     ],
 )
 def test_bad_imagenet_values_are_one_clear_line(compose_cfg, override, message):

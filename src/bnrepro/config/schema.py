@@ -464,10 +464,11 @@ class RunConfig(_Section):
                     "trainer.sync_bn=true does not apply to stacked seeds (seeds=[...]): each "
                     "member's BN is its own; drop one of them"
                 )
-            if not isinstance(self.model, MLPConfig):
+            if not isinstance(self.data, MNISTData):  # its task serves stacked batches
                 raise ConfigError(
-                    "seeds=[...] (stacked training) needs the MNIST MLP (model=mlp); "
-                    "run one seed per job instead: -m seed=1,2,3"
+                    f"seeds=[...] (stacked training) needs an in-memory dataset (data=mnist "
+                    f"or fashion_mnist), not data={self.data.name}; run one seed per job "
+                    f"instead: -m seed=1,2,3"
                 )
         if self.trainer.ics is not None and not isinstance(self.model, MLPConfig):
             raise ConfigError(

@@ -13,8 +13,11 @@ from torch import nn
 
 def unit_values(x: torch.Tensor, unit: int, members: int | None) -> torch.Tensor:
     """The values of one unit as (members, n): a stacked model's feature-major (M, F, B) input
-    gives one row per member; a plain (B, F) or (B, C, H, W) input gives one row (for a
+    gives one row per member, as does a stacked conv net's (B, M*C, H, W) input (member m's
+    maps in channel block m); a plain (B, F) or (B, C, H, W) input gives one row (for a
     convolution, every position of feature map `unit` counts, as BN's statistics do)."""
+    if members is not None and x.dim() == 4:
+        return x.unflatten(1, (members, -1))[:, :, unit].transpose(0, 1).reshape(members, -1)
     if members is not None:
         return x[:, unit]
     return x[:, unit].reshape(1, -1)

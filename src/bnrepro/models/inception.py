@@ -74,6 +74,11 @@ class ConvUnit(nn.Sequential):
     bias, the norm's beta replaces it, and the norm sits right before the nonlinearity; BN
     normalises each feature map over the batch and all positions (Section 3.2). The activation
     is its own module (`act`) so that probes can hook its input.
+
+    With `members` (StackedBNInception, models/stacked_inception.py) the unit is that many
+    units side by side on (B, M*C, H, W) activations, member m's maps in channel block m: a
+    grouped convolution (member m is group m) and the norm's stacked layers
+    (`Normalization.member_layers`). `in_channels` and `out_channels` are per member.
     """
 
     def __init__(
@@ -85,17 +90,25 @@ class ConvUnit(nn.Sequential):
         *,
         activation: str,
         norm: Normalization,
+        members: int | None = None,
     ) -> None:
         super().__init__()
+        groups = members or 1
         self.conv = nn.Conv2d(
-            in_channels,
-            out_channels,
+            groups * in_channels,
+            groups * out_channels,
             kernel_size,
             stride=stride,
             padding=kernel_size // 2,
             bias=not norm.has_beta,
+            groups=groups,
         )
-        for name, module in norm.layers(out_channels, dims=2).items():
+        layers = (
+            norm.layers(out_channels, dims=2)
+            if members is None
+            else norm.member_layers(members, out_channels)
+        )
+        for name, module in layers.items():
             self.add_module(name, module)
         self.act = ACTIVATIONS[activation]()
         self.out_channels = out_channels
@@ -108,6 +121,9 @@ class InceptionModule(nn.Module):
     original Inception's 5x5); pool -> 1x1 projection. A stride-2 module (3c, 4e) has no 1x1
     branch, its 3x3 and the second 3x3 of the double branch have stride 2, and its pool branch
     is a 3x3/2 max pool passed through without projection.
+
+    With `members`, that many modules side by side (see ConvUnit): every width is per member,
+    pools act per channel anyway, and the branches are concatenated within each member.
     """
 
     def __init__(
@@ -124,11 +140,13 @@ class InceptionModule(nn.Module):
         *,
         activation: str,
         norm: Normalization,
+        members: int | None = None,
     ) -> None:
         super().__init__()
         if stride == 2 and (n1x1 or proj):
             raise ValueError("stride-2 modules have no 1x1 branch and pass the pool through")
-        unit = {"activation": activation, "norm": norm}
+        self.members = members
+        unit = {"activation": activation, "norm": norm, "members": members}
         self.branch1x1 = ConvUnit(in_channels, n1x1, 1, **unit) if n1x1 else None
         self.branch3x3 = nn.Sequential()
         self.branch3x3.add_module("reduce", ConvUnit(in_channels, n3x3_reduce, 1, **unit))
@@ -156,7 +174,88 @@ class InceptionModule(nn.Module):
         branches = [self.branch3x3(x), self.branch_double(x), self.branch_pool(x)]
         if self.branch1x1 is not None:
             branches.insert(0, self.branch1x1(x))
-        return torch.cat(branches, dim=1)
+        if self.members is None:
+            return torch.cat(branches, dim=1)
+        return member_cat(branches, self.members)
+
+
+def member_cat(branches: Sequence[Tensor], members: int) -> Tensor:
+    """Concatenate (B, M*C_i, H, W) tensors on channels within each of `members` channel
+    blocks: member m's block of the result is member m's blocks of the inputs, in order.
+
+    The result keeps the inputs' memory format: channels_last inputs are joined as
+    (B, H, W, M, C_i) views, so the next convolution gets NHWC without a conversion.
+    """
+    if _memory_format(branches[0]) != torch.channels_last:
+        per_member = [b.unflatten(1, (members, -1)) for b in branches]  # (B, M, C_i, H, W)
+        return torch.cat(per_member, dim=2).flatten(1, 2)
+    per_member = [b.permute(0, 2, 3, 1).unflatten(3, (members, -1)) for b in branches]
+    return torch.cat(per_member, dim=4).flatten(3, 4).permute(0, 3, 1, 2)
+
+
+def inception_stages(
+    norm: Normalization,
+    activation: str,
+    lrn: bool,
+    proj_4cd: int,
+    in_channels: int,
+    stem: str,
+    width_mult: float,
+    modules: Sequence[str],
+    members: int | None = None,
+) -> tuple[nn.ModuleDict, int]:
+    """BN-Inception's stages by the table's names (conv1, pool1, conv2_reduce, conv2, pool2,
+    3a .. 5b) and the width of the last one (BNInception's arguments); with `members`, that
+    many networks side by side (models/stacked_inception.py), widths per member."""
+    unit = {"activation": activation, "norm": norm, "members": members}
+
+    def scaled(channels: int) -> int:  # every width times width_mult, at least 1
+        return max(1, round(channels * width_mult)) if channels else 0
+
+    stages = nn.ModuleDict()
+    # The paper's first convolution is separable (depth multiplier 8); implementations
+    # usually use a plain 7x7/2 convolution, and so do we. The small stem (28x28 inputs)
+    # has a 3x3/1 first convolution: its two pools give 7x7 maps at 3a (28x28 at 224).
+    small = stem == "small"
+    stages["conv1"] = ConvUnit(
+        in_channels, scaled(64), 3 if small else 7, stride=1 if small else 2, **unit
+    )
+    stages["pool1"] = nn.Sequential()
+    stages["pool1"].add_module("pool", _max_pool_3x3_s2())
+    stages["conv2_reduce"] = ConvUnit(scaled(64), scaled(64), 1, **unit)
+    stages["conv2"] = ConvUnit(scaled(64), scaled(192), 3, **unit)
+    stages["pool2"] = nn.Sequential()
+    if lrn:
+        # The original GoogLeNet's LRN; Section 4.2.1 removes it from the BN networks. It
+        # mixes neighbouring channels, so stacked members each get their own.
+        stages["pool1"].add_module("lrn", _lrn() if members is None else MemberLRN(members))
+        stages["pool2"].add_module("lrn", _lrn() if members is None else MemberLRN(members))
+    stages["pool2"].add_module("pool", _max_pool_3x3_s2())
+
+    width = scaled(192)
+    for name in modules:
+        n1x1, n3r, n3, ndr, nd, pool, proj, stride = INCEPTION_TABLE[name]
+        proj = proj_4cd if proj is None else proj
+        branches = [scaled(c) for c in (n1x1, n3r, n3, ndr, nd, proj)]
+        module = InceptionModule(width, *branches[:5], pool, branches[5], stride, **unit)
+        stages[name] = module
+        width = module.out_channels
+    return stages, width
+
+
+def probed_activations(stages: nn.ModuleDict) -> dict[str, nn.Module]:
+    """Five activation modules spanning the depth, by stage name.
+
+    conv1 and conv2 (the stem's first and 3x3 convolutions); for the last module of groups
+    3, 4 and 5 (3c, 4e, 5b in the full network) the activation of the module's 3x3-reduce
+    convolution (the first conv of its 3x3 branch).
+    """
+    acts = {"conv1": stages["conv1"].act, "conv2": stages["conv2"].act}
+    for group in "345":  # the last module of each group: 3c, 4e, 5b in the full network
+        built = [name for name in stages if name.startswith(group)]
+        if built:
+            acts[built[-1]] = stages[built[-1]].branch3x3.reduce.act
+    return acts
 
 
 class BNInception(nn.Module):
@@ -198,39 +297,9 @@ class BNInception(nn.Module):
         self.normalization = norm
         self.activation = activation
         self.init_mode = init_mode
-        unit = {"activation": activation, "norm": self.normalization}
-
-        def scaled(channels: int) -> int:  # every width times width_mult, at least 1
-            return max(1, round(channels * width_mult)) if channels else 0
-
-        self.stages = nn.ModuleDict()
-        # The paper's first convolution is separable (depth multiplier 8); implementations
-        # usually use a plain 7x7/2 convolution, and so do we. The small stem (28x28 inputs)
-        # has a 3x3/1 first convolution: its two pools give 7x7 maps at 3a (28x28 at 224).
-        small = stem == "small"
-        self.stages["conv1"] = ConvUnit(
-            in_channels, scaled(64), 3 if small else 7, stride=1 if small else 2, **unit
+        self.stages, width = inception_stages(
+            norm, activation, lrn, proj_4cd, in_channels, stem, width_mult, modules
         )
-        self.stages["pool1"] = nn.Sequential()
-        self.stages["pool1"].add_module("pool", _max_pool_3x3_s2())
-        self.stages["conv2_reduce"] = ConvUnit(scaled(64), scaled(64), 1, **unit)
-        self.stages["conv2"] = ConvUnit(scaled(64), scaled(192), 3, **unit)
-        self.stages["pool2"] = nn.Sequential()
-        if lrn:
-            # The original GoogLeNet's LRN; Section 4.2.1 removes it from the BN networks.
-            self.stages["pool1"].add_module("lrn", _lrn())
-            self.stages["pool2"].add_module("lrn", _lrn())
-        self.stages["pool2"].add_module("pool", _max_pool_3x3_s2())
-
-        width = scaled(192)
-        for name in modules:
-            n1x1, n3r, n3, ndr, nd, pool, proj, stride = INCEPTION_TABLE[name]
-            proj = proj_4cd if proj is None else proj
-            branches = [scaled(c) for c in (n1x1, n3r, n3, ndr, nd, proj)]
-            module = InceptionModule(width, *branches[:5], pool, branches[5], stride, **unit)
-            self.stages[name] = module
-            width = module.out_channels
-
         self.pool = nn.AdaptiveAvgPool2d(1)  # the table's 7x7 avg pool, for any input size
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Linear(width, num_classes)
@@ -263,18 +332,8 @@ class BNInception(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def nonlinearities(self) -> dict[str, nn.Module]:
-        """Five activation modules spanning the depth, by stage name.
-
-        conv1 and conv2 (the stem's first and 3x3 convolutions); for the last module of groups
-        3, 4 and 5 (3c, 4e, 5b in the full network) the activation of the module's 3x3-reduce
-        convolution (the first conv of its 3x3 branch).
-        """
-        acts = {"conv1": self.stages["conv1"].act, "conv2": self.stages["conv2"].act}
-        for group in "345":  # the last module of each group: 3c, 4e, 5b in the full network
-            built = [name for name in self.stages if name.startswith(group)]
-            if built:
-                acts[built[-1]] = self.stages[built[-1]].branch3x3.reduce.act
-        return acts
+        """Five activation modules spanning the depth, by stage name (`probed_activations`)."""
+        return probed_activations(self.stages)
 
     def stage_outputs(self, x: Tensor) -> dict[str, Tensor]:
         """The output of every stage, in order, keyed by the table's stage names."""
@@ -294,3 +353,25 @@ class BNInception(nn.Module):
 def _lrn() -> nn.LocalResponseNorm:
     """GoogLeNet's local response normalisation (AlexNet's constants, 5 channels)."""
     return nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=1.0)
+
+
+class MemberLRN(nn.LocalResponseNorm):
+    """GoogLeNet's LRN (`_lrn`) for each of `members` networks side by side on (B, M*C, H, W)
+    activations: applied to the (B*M, C, H, W) view, so no window spans two members."""
+
+    def __init__(self, members: int) -> None:
+        super().__init__(size=5, alpha=1e-4, beta=0.75, k=1.0)
+        self.members = members
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        per_member = x.reshape(batch * self.members, channels // self.members, height, width)
+        out = super().forward(per_member).view_as(x)
+        return out.contiguous(memory_format=_memory_format(x))  # as it came (channels_last)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last for an NHWC tensor that is not also NCHW, else torch's default."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -18,13 +18,18 @@ from bnrepro.config.schema import NORMS, InceptionConfig, MLPConfig
 from bnrepro.models.inception import BNInception
 from bnrepro.models.mlp import MLP
 from bnrepro.models.norms import Normalization
+from bnrepro.models.stacked_inception import StackedBNInception
 from bnrepro.models.stacked_mlp import StackedMLP
 
 ModelConfig = MLPConfig | InceptionConfig
 
 NETWORKS: dict[type, type[nn.Module]] = {MLPConfig: MLP, InceptionConfig: BNInception}
-# Seeds trained side by side in one module (seeds=[...]; the schema allows it for the MLP only).
-STACKED: dict[type, type[nn.Module]] = {MLPConfig: StackedMLP}
+# Seeds trained side by side in one module (seeds=[...]; the schema allows it on the in-memory
+# datasets, whose task serves stacked batches).
+STACKED: dict[type, type[nn.Module]] = {
+    MLPConfig: StackedMLP,
+    InceptionConfig: StackedBNInception,
+}
 
 
 def network_arguments(model: ModelConfig) -> dict[str, Any]:
@@ -38,7 +43,8 @@ def network_arguments(model: ModelConfig) -> dict[str, Any]:
 
 def build_network(model: ModelConfig, norm: Normalization, members: int | None = None) -> nn.Module:
     """The network of `model` with the run's normalisation `norm`; with `members`, that many
-    stacked copies in one module (StackedMLP), each drawing its own initial weights."""
+    stacked copies in one module (StackedMLP, StackedBNInception), each drawing its own
+    initial weights."""
     if members is None:
         return NETWORKS[type(model)](norm=norm, **network_arguments(model))
     return STACKED[type(model)](members, norm=norm, **network_arguments(model))

@@ -2,8 +2,8 @@
 
 `Normalization` is built once per run from the checked model config (training/run.py) and
 handed to the network; it makes the layers that sit between each linear map (or convolution)
-and its nonlinearity, for plain networks and for the stacked MLP (models/stacked_mlp.py), from
-the table `NORM_LAYERS`:
+and its nonlinearity, for plain networks, for the stacked MLP (models/stacked_mlp.py) and for
+the stacked BN-Inception (models/stacked_inception.py), from the table `NORM_LAYERS`:
 
 - ``none``: nothing (the linear map keeps its bias).
 - ``bn``: the paper's BN (models/batchnorm.py), module name ``bn``.
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bnrepro.config.schema import NORMS, InceptionConfig, MLPConfig, NoiseSettings
+from bnrepro.errors import ConfigError
 from bnrepro.models.batch_renorm import BatchRenorm, StackedBatchRenorm
 from bnrepro.models.batchnorm import BNStats
 
@@ -172,6 +173,18 @@ class Normalization:
         """The same modules for `members` stacked MLPs' feature-major (M, F, B) activations."""
         return NORM_LAYERS[self.kind].stacked(self, members, features)
 
+    def member_layers(self, members: int, channels: int) -> dict[str, nn.Module]:
+        """The same modules for `members` convolutional networks side by side on
+        (B, M*C, H, W) activations, member m's `channels` maps in channel block m
+        (models/stacked_inception.py). ConfigError for a norm that has no such layers."""
+        grouped = NORM_LAYERS[self.kind].grouped
+        if grouped is None:
+            raise ConfigError(
+                f"model.norm={self.kind} cannot stack BN-Inception members (seeds=[...]); "
+                f"run one seed per job instead: -m seed=1,2,3"
+            )
+        return grouped(self, members, channels)
+
 
 NO_NORM = Normalization("none")  # nothing between the linear maps and their activations
 
@@ -183,10 +196,14 @@ LayerMaker = Callable[[Normalization, int, int], dict[str, nn.Module]]
 class NormLayers:
     """One norm kind's modules: `plain(norm, features, dims)` for MLP and BN-Inception,
     `stacked(norm, members, features)` for StackedMLP, whose member i must compute what
-    `plain` computes with member i's weights (tests/test_norms.py)."""
+    `plain` computes with member i's weights (tests/test_norms.py), and
+    `grouped(norm, members, channels)` for StackedBNInception's (B, M*C, H, W) activations,
+    whose channel block m must compute what `plain(norm, channels, 2)` computes with member
+    m's weights (tests/test_stacked_inception.py); None: the norm cannot stack conv nets."""
 
     plain: LayerMaker
     stacked: LayerMaker
+    grouped: LayerMaker | None = None
 
 
 # Each kind's makers. layer_norm has no settings section: torch's default eps.
@@ -203,6 +220,15 @@ def _bn(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
 
 def _stacked_bn(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
     return {"bn": norm.bn.stacked_layer(members, features)}
+
+
+# Norms with per-channel statistics and affine maps (BN, noisy BN, batch renorm) are their
+# plain layer over all M*C channels: member m's channels get exactly their own.
+def _grouped_per_channel(maker: LayerMaker) -> LayerMaker:
+    def grouped(norm: Normalization, members: int, channels: int) -> dict[str, nn.Module]:
+        return maker(norm, members * channels, 2)
+
+    return grouped
 
 
 def _noisy_bn(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
@@ -242,15 +268,28 @@ def _stacked_layer_norm(norm: Normalization, members: int, features: int) -> dic
     return {"norm": StackedGroupNorm(members, features, None, LAYER_NORM_EPS)}
 
 
-# Each `model.norm` kind's layers, plain and stacked: the torch side of config.schema.NORMS,
-# keyed the same (tests/test_norms.py checks that the two agree).
+# GroupNorm's groups are consecutive channel blocks: M times a member's groups over M*C
+# channels never span two members (a member's LayerNorm, one group, becomes one of M).
+def _grouped_group_norm(norm: Normalization, members: int, channels: int) -> dict[str, nn.Module]:
+    groups = members * groups_for(channels, norm.settings.groups)
+    return {"norm": nn.GroupNorm(groups, members * channels, eps=norm.settings.eps)}
+
+
+def _grouped_layer_norm(norm: Normalization, members: int, channels: int) -> dict[str, nn.Module]:
+    return {"norm": nn.GroupNorm(members, members * channels, eps=LAYER_NORM_EPS)}
+
+
+# Each `model.norm` kind's layers, plain, stacked and grouped: the torch side of
+# config.schema.NORMS, keyed the same (tests/test_norms.py checks that the two agree).
 NORM_LAYERS: dict[str, NormLayers] = {
-    "none": NormLayers(_none, _none),
-    "bn": NormLayers(_bn, _stacked_bn),
-    "noisy_bn": NormLayers(_noisy_bn, _stacked_noisy_bn),
-    "batch_renorm": NormLayers(_batch_renorm, _stacked_batch_renorm),
-    "group_norm": NormLayers(_group_norm, _stacked_group_norm),
-    "layer_norm": NormLayers(_layer_norm, _stacked_layer_norm),
+    "none": NormLayers(_none, _none, _none),
+    "bn": NormLayers(_bn, _stacked_bn, _grouped_per_channel(_bn)),
+    "noisy_bn": NormLayers(_noisy_bn, _stacked_noisy_bn, _grouped_per_channel(_noisy_bn)),
+    "batch_renorm": NormLayers(
+        _batch_renorm, _stacked_batch_renorm, _grouped_per_channel(_batch_renorm)
+    ),
+    "group_norm": NormLayers(_group_norm, _stacked_group_norm, _grouped_group_norm),
+    "layer_norm": NormLayers(_layer_norm, _stacked_layer_norm, _grouped_layer_norm),
 }
 
 # The modules whose gamma and beta take optim.norm_weight_decay (optim.py), besides torch's.

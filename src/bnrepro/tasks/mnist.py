@@ -1,8 +1,9 @@
 """MNIST (Section 4.1) and Fashion-MNIST: the whole dataset as tensors in memory, evaluated on
 all 10k test images.
 
-With `seeds` set, the task serves a StackedMLP: every batch is (M, B, 784), member i drawing
-the data order of seed i, and evaluation returns one record per member.
+With `seeds` set, the task serves a stacked network (StackedMLP, StackedBNInception): every
+batch is (M, B, 784) or (M, B, 1, 28, 28), member i drawing the data order of seed i, and
+evaluation returns one record per member.
 """
 
 from __future__ import annotations

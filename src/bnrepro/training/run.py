@@ -4,8 +4,8 @@ Hydra names the run directory (`run_name` in bnrepro.config.resolvers: the arm, 
 hash of the settings that define the result), so the same command finds the same directory again:
 `train` returns at once when the run there has finished, resumes it from its checkpoint when
 it has not, and starts it otherwise. It builds the task, the network(s) (plain, seeds stacked
-in one StackedMLP, DDP, compiled), the optimizer and the trackers, trains with
-`bnrepro.training.loop.fit`, and writes each network's summary.json and figure.
+in one StackedMLP or StackedBNInception, DDP, compiled), the optimizer and the trackers, trains
+with `bnrepro.training.loop.fit`, and writes each network's summary.json and figure.
 """
 
 from __future__ import annotations
@@ -222,8 +222,9 @@ def use_cuda_graph(cfg: RunConfig, env: DistEnv, placement: Placement, bn: BNSta
 def build_model(
     cfg: RunConfig, env: DistEnv, placement: Placement, norm: Normalization
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The network (same initial weights on every rank; with `seeds`, one StackedMLP member
-    per seed, each initialised as its plain run would be) and what trains it (DDP, compiled).
+    """The network (same initial weights on every rank; with `seeds`, one stacked member
+    per seed (StackedMLP, StackedBNInception), each initialised as its plain run would be) and
+    what trains it (DDP, compiled).
 
     The network class is models.networks's entry for the type of `cfg.model`; it gets the
     checked settings and the run's one normalisation `norm`."""
