@@ -169,8 +169,9 @@ figures: install ## Rebuild every figure in results/ from the run logs stored th
 		echo "$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT)"; \
 		$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT);)
 
-bench: install ## MNIST speed: DataLoader vs in-memory vs the trainer, and make reproduce-mnist's wall time
+bench: install ## MNIST speed (DataLoader vs in-memory vs the trainer, make reproduce-mnist's wall time) and the conv net per model-step (eager vs stacked seeds)
 	$(PY) scripts/bench_mnist.py --data-dir "$${DATA_DIR:-data}"
+	$(PY) scripts/bench_conv.py --out results/bench
 
 bench-imagenet: install ## BN-Inception vs GoogLeNet training images/s (GPU if any), results/bench/
 	$(PY) scripts/bench_imagenet.py
