@@ -89,13 +89,14 @@ def init_distributed(device: str = "auto") -> DistEnv:
     # Placement (training/placement.py, made from this DistEnv); NCCL runs on GPUs only.
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    if not dist.is_initialized() and torch_device.type == "cuda":
-        # device_id binds the group to this process's GPU: NCCL forms its communicator now
-        # (an NCCL problem fails here, not at the first all-reduce) and never guesses the
-        # device from the rank.
-        dist.init_process_group(backend="nccl", device_id=torch_device)
-    elif not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
+    if not dist.is_initialized():
+        # On a GPU, device_id binds the group to this process's GPU: NCCL forms its
+        # communicator now (an NCCL problem fails here, not at the first all-reduce) and never
+        # guesses the device from the rank.
+        cuda = torch_device.type == "cuda"
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", device_id=torch_device if cuda else None
+        )
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, True)
 
 
