@@ -208,7 +208,11 @@ def worker(variant: str, members: int, steps: int, rounds: int) -> None:
 def machine() -> str:
     commit, dirty = code_version()
     code = f"commit {commit[:10]}{' (with changes)' if dirty else ''}" if commit else "no commit"
-    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {code}"
+    command = "python " + " ".join(["scripts/bench_conv.py", *sys.argv[1:]])
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {code}; "
+        f"command: `{command}` (make bench)"
+    )
 
 
 def label(row: dict) -> str:
