@@ -22,8 +22,9 @@ GRID_SWEEP_DIR ?= logs/reproduce-mnist-grid
 MNIST_RESULTS := results/mnist
 FASHION_SWEEP_DIR ?= logs/reproduce-fashion
 FASHION_RESULTS := results/fashion_mnist
-# Figures 2 and 3 at small scale: BN-Inception scaled down on Fashion-MNIST, 7 arms x 3 seeds.
-FIG2_SEEDS ?= 1,2,3
+# Figures 2 and 3 at small scale: BN-Inception scaled down on Fashion-MNIST, 7 arms x 3 seeds,
+# the seeds of an arm stacked in one process (StackedBNInception, `seeds=[...]`).
+FIG2_SEEDS ?= [1,2,3]
 FIG2_DEVICE ?= auto
 FIG2_SWEEP_DIR ?= logs/reproduce-fig2-small
 FIG2_RESULTS := results/fig2_small
@@ -121,7 +122,8 @@ fashion_FIGURE := make_figure1.py
 fashion_OUT := $(FASHION_RESULTS)
 
 fig2-small_HELP := Figures 2 and 3 at small scale (Fashion-MNIST), results/fig2_small/
-fig2-small_SWEEP := experiment=$(FIG2_EXPERIMENTS) seed=$(FIG2_SEEDS) trainer.device=$(FIG2_DEVICE)
+fig2-small_SWEEP := experiment=$(FIG2_EXPERIMENTS) "seeds=$(FIG2_SEEDS)" \
+	trainer.device=$(FIG2_DEVICE)
 fig2-small_DIR := $(FIG2_SWEEP_DIR)
 fig2-small_RUNS := $(FIG2_RESULTS)/runs
 fig2-small_FIGURE := make_figure2.py --small

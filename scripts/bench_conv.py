@@ -3,7 +3,9 @@
     python scripts/bench_conv.py                  # about 3.5 minutes on 2 cores
     python scripts/bench_conv.py --members 2,3,4,6,8 --nchw --vmap --compile
 
-All rows in one run, so the ratios are fair: the training step (forward, backward, SGD as
+First the machine's limit, the best 2-thread sgemm rate any library here reaches
+(scripts/sgemm_limit.py); each row's GFLOP/s is also given as a multiple of it. All rows in
+one run, so the ratios are fair: the training step (forward, backward, SGD as
 `experiment=fig2_small/bn_x5` configures it: batch 32, lr, momentum, weight decay) of
 
 - today's eager single network (`seed=k`), 1 thread (the trainer's default num_threads),
@@ -11,8 +13,10 @@ All rows in one run, so the ratios are fair: the training step (forward, backwar
   `make reproduce-fig2-small` runs: JOBS=2);
 - the stacked network (`seeds=[...]`, models/stacked_inception.py) for each member count,
   the same three ways; optionally compiled (--compile: torch.compile, CPU Inductor, as
-  `trainer.compile=true`), with NCHW activations instead of channels_last (--nchw), and
-  torch.func's `stack_module_state` + `vmap` over plain networks (--vmap).
+  `trainer.compile=true`; the largest member count, 1 thread, minutes of compilation; run
+  apart from `make bench` as `--compile --members 8 --name conv_compile`), with NCHW
+  activations instead of channels_last (--nchw), and torch.func's `stack_module_state` +
+  `vmap` over plain networks (--vmap).
 
 Timing: rounds of `--steps` steps after warm-up, the configurations taking turns, the best
 round of each kept (another process on the machine only ever slows a round down). A side-by-
@@ -46,6 +50,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from sgemm_limit import describe, measure_limit
 from torch.utils.flop_counter import FlopCounterMode
 
 from bnrepro.config.resolvers import register_resolvers
@@ -237,16 +242,21 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']}; load average at start {result['load']}. "
         f"Best of {result['rounds']} rounds of {result['steps']} steps per row.",
         "",
-        "| configuration | ms/step | machine ms per model-step | GFLOP/s | vs eager (2 threads)"
-        " | like for like |",
-        "|---|---|---|---|---|---|",
+        f'Limit: {describe(result["sgemm_limit"])}; a row\'s "x limit" is that rate over the '
+        "row's machine GFLOP/s (how many times its step takes the time the limit would).",
+        "",
+        "| configuration | ms/step | machine ms per model-step | GFLOP/s | x limit "
+        "| vs eager (2 threads) | like for like |",
+        "|---|---|---|---|---|---|---|",
     ]
+    limit = result["sgemm_limit"]["gflops"]
     for r in rows:
         same = eager[(r["threads"], r["jobs"])]["machine_ms_per_model_step"]
         gflops = r["gflop_per_step"] * r["jobs"] / r["step_ms"] * 1e3  # the machine's rate
         lines.append(
             f"| {label(r)} | {r['step_ms']:.1f} | {r['machine_ms_per_model_step']:.2f} | "
-            f"{gflops:.1f} | {baseline / r['machine_ms_per_model_step']:.2f}x | "
+            f"{gflops:.1f} | {limit / gflops:.1f}x | "
+            f"{baseline / r['machine_ms_per_model_step']:.2f}x | "
             f"{same / r['machine_ms_per_model_step']:.2f}x |"
         )
     best = min(r["machine_ms_per_model_step"] for r in rows if r["variant"] != "eager")
@@ -280,7 +290,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes)")
     parser.add_argument("--nchw", action="store_true", help="also NCHW activations")
     parser.add_argument("--vmap", action="store_true", help="also torch.func's vmap route")
-    parser.add_argument("--out", type=Path, help="also write conv.json and conv.md here")
+    parser.add_argument("--out", type=Path, help="also write NAME.json and NAME.md here")
+    parser.add_argument("--name", default="conv", help="file name stem of --out's files")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -295,18 +306,21 @@ def main() -> int:
         rows += [
             {"variant": "stacked", "members": m, "threads": threads, "jobs": 1} for m in counts
         ]
-    compiled = counts if args.compile else []
-    rows += [{"variant": "compiled", "members": m, "threads": 1, "jobs": 1} for m in compiled]
+    # Compilation takes minutes per member count: the largest only, in this process.
+    if args.compile:
+        rows.append({"variant": "compiled", "members": largest, "threads": 1, "jobs": 1})
     if args.nchw:
         rows.append({"variant": "nchw", "members": largest, "threads": 1, "jobs": 1})
     if args.vmap:
         rows.append({"variant": "vmap", "members": largest, "threads": 1, "jobs": 1})
+    print("measuring the sgemm limit (scripts/sgemm_limit.py)", flush=True)
+    limit = measure_limit()
+    print(describe(limit), flush=True)
     load = os.getloadavg()[0]
     print(f"load average {load:.2f}" + (" (busy: numbers will be slow)" if load > 1.5 else ""))
     in_process(rows, cfg, args.steps, args.rounds)
     pairs = [{"variant": "eager", "members": 1, "threads": 1, "jobs": 2}]
     pairs += [{"variant": "stacked", "members": m, "threads": 1, "jobs": 2} for m in counts]
-    pairs += [{"variant": "compiled", "members": m, "threads": 1, "jobs": 2} for m in compiled]
     for row in pairs:
         side_by_side(row, args.steps, args.rounds)
     rows += pairs
@@ -316,14 +330,15 @@ def main() -> int:
         "steps": args.steps,
         "rounds": args.rounds,
         "experiment": EXPERIMENT,
+        "sgemm_limit": limit,
         "rows": rows,
     }
     text = markdown(result)
     print(text)
     if args.out:  # make bench: results/bench/, as bench_mnist.py's mnist.json and .md
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "conv.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "conv.md").write_text(text)
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{args.name}.md").write_text(text)
     return 0
 
 

@@ -106,12 +106,14 @@ def test_scaling_is_by_config_and_keeps_every_module():
 
 
 def test_one_arm_through_the_entrypoint_and_the_figure_script(fashion_root, tmp_path):
-    """A real 2-arm sweep of a few steps, then Figure 2 and the Figure 3 table (one evaluation
-    per run: each reads all 10,000 test images)."""
+    """A real 2-arm sweep of a few steps, each arm's two seeds stacked in one job as
+    `make reproduce-fig2-small` runs them, then Figure 2 and the Figure 3 table (one
+    evaluation per run: each reads all 10,000 test images)."""
     sweep = tmp_path / "sweep"
     proc = run_train(
         "-m",
         "experiment=fig2_small/inception,fig2_small/bn_x30",
+        "seeds=[1,2]",
         f"paths.data_dir={fashion_root}",
         "trainer.steps=4",
         "trainer.eval_every=4",
@@ -121,8 +123,13 @@ def test_one_arm_through_the_entrypoint_and_the_figure_script(fashion_root, tmp_
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
-    assert sorted((s["arm"], s["seed"]) for s in summaries) == [("bn_x30", 1), ("inception", 1)]
+    summaries = [json.loads(p.read_text()) for p in sweep.rglob("summary.json")]
+    assert sorted((s["arm"], s["seed"]) for s in summaries) == [
+        ("bn_x30", 1),
+        ("bn_x30", 2),
+        ("inception", 1),
+        ("inception", 2),
+    ]
     assert all(s["settings"]["data"] == "fashion_mnist" for s in summaries)
     out = tmp_path / "out"
     proc = subprocess.run(
