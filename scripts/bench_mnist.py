@@ -213,7 +213,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", str(REPO / "data")))
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
-    parser.add_argument("--steps", type=int, default=10_000, help="steps of each reference loop")
+    parser.add_argument(
+        "--steps", type=int, default=10_000, help="steps of each in-memory reference loop"
+    )
+    parser.add_argument(
+        "--loader-steps", type=int, default=2_000, help="steps of the DataLoader loop"
+    )
     args = parser.parse_args()
     print("measuring the sgemm limit (scripts/sgemm_limit.py)", flush=True)
     limit = measure_limit()
