@@ -28,7 +28,14 @@ FIG2_SEEDS ?= [1,2,3]
 FIG2_DEVICE ?= auto
 FIG2_SWEEP_DIR ?= logs/reproduce-fig2-small
 FIG2_RESULTS := results/fig2_small
-FIG2_ARMS := inception bn_baseline bn_x5 bn_x30 bn_x5_sigmoid inception_x5 inception_sigmoid
+# First the base learning rate, calibrated as the paper's was (Inception without BN, one seed,
+# 1,500 steps, each rate; configs/experiment/fig2_small/lr_search.yaml): 2x apart.
+FIG2_LRS ?= 0.00075,0.0015,0.003,0.006,0.012,0.024,0.048,0.096
+FIG2_LR_SWEEP_DIR ?= logs/reproduce-fig2-small-lr
+# The seven arms of Figures 2 and 3 and the dropout pair's other halves (the control); the
+# longest first, so the two jobs end together.
+FIG2_ARMS := inception inception_no_dropout bn_baseline bn_x5 bn_x5_dropout bn_x30 bn_x5_sigmoid \
+	inception_x5 inception_sigmoid
 comma := ,
 space := $(subst ,, )
 FIG2_EXPERIMENTS := $(subst $(space),$(comma),$(addprefix fig2_small/,$(FIG2_ARMS)))
@@ -52,6 +59,7 @@ BATCH_RESULTS := results/batch_size
 GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,inception
 
 .PHONY: help install lint format test test-full test-gpu $(addprefix reproduce-,$(EXPERIMENTS)) \
+	reproduce-fig2-small-lr \
 	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
@@ -122,8 +130,11 @@ fashion_FIGURE := make_figure1.py
 fashion_OUT := $(FASHION_RESULTS)
 
 fig2-small_HELP := Figures 2 and 3 at small scale (Fashion-MNIST), results/fig2_small/
-fig2-small_SWEEP := experiment=$(FIG2_EXPERIMENTS) "seeds=$(FIG2_SEEDS)" \
-	trainer.device=$(FIG2_DEVICE)
+# `=`, not `:=`: the winning rate is read (by the shell) when the sweep starts, after the search.
+fig2-small_SWEEP = experiment=$(FIG2_EXPERIMENTS) "seeds=$(FIG2_SEEDS)" \
+	trainer.device=$(FIG2_DEVICE) \
+	optim.base_lr=$$($(PY) scripts/make_lr_search.py --winner $(FIG2_RESULTS)/lr_search.json)
+fig2-small_BEFORE := reproduce-fig2-small-lr
 fig2-small_DIR := $(FIG2_SWEEP_DIR)
 fig2-small_RUNS := $(FIG2_RESULTS)/runs
 fig2-small_FIGURE := make_figure2.py --small
@@ -155,7 +166,7 @@ batch-size_OUT := $(BATCH_RESULTS)
 
 # $(1): an experiment of EXPERIMENTS.
 define REPRODUCE
-reproduce-$(1): install
+reproduce-$(1): install $$($(1)_BEFORE)
 	$$(PY) -m bnrepro.train --multirun $$($(1)_SWEEP) hydra/launcher=joblib \
 		hydra.launcher.n_jobs=$$(JOBS) hydra.sweep.dir=$$($(1)_DIR) $$(ARGS)
 	$$(PY) scripts/collect_runs.py $$($(1)_DIR) $$($(1)_RUNS)
@@ -163,10 +174,19 @@ reproduce-$(1): install
 endef
 $(foreach e,$(EXPERIMENTS),$(eval $(call REPRODUCE,$(e))))
 
+reproduce-fig2-small-lr: install ## The base learning rate for fig2-small: Inception at each of FIG2_LRS
+	$(PY) -m bnrepro.train --multirun experiment=fig2_small/lr_search optim.base_lr=$(FIG2_LRS) \
+		trainer.device=$(FIG2_DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=$(FIG2_LR_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(FIG2_LR_SWEEP_DIR) $(FIG2_RESULTS)/lr_search_runs
+	$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS)
+
 report: install ## results/REPORT.md: every claim of the paper, ours with a 95 % CI and a verdict
 	$(PY) scripts/make_report.py --results results --out results/REPORT.md
 
 figures: install ## Rebuild every figure in results/ from the run logs stored there
+	@set -e; if [ -d $(FIG2_RESULTS)/lr_search_runs ]; then \
+		$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS); fi
 	@set -e; $(foreach e,$(EXPERIMENTS),\
 		echo "$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT)"; \
 		$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT);)

@@ -46,9 +46,12 @@ intervals (Welch's for a difference of two arms, paired where the runs pair up).
 - **Difference** ("BN gives higher accuracy", "BN's input distribution drifts less"): the
   interval of the difference lies wholly on the paper's side of 0: *reproduced*; the estimate
   is on the paper's side but the interval reaches 0: *partly*; otherwise *not reproduced*.
-- **Speed-up** (fewer steps to a target accuracy): per seed of the faster arm, the other arm's
-  steps to the target divided by this seed's (a seed that never reaches it counts as 0).
-  Interval above 1: *reproduced*; mean above 1: *partly*; otherwise *not reproduced*.
+- **Speed-up** (fewer steps to a target accuracy): each seed's step at which its curve crosses
+  the target, read by linear interpolation between the two evaluations around the crossing;
+  the ratio of the two arms' geometric mean steps (slow / fast), its interval Welch's on the
+  log steps of every seed of both arms, so it is never below 0. A seed that never reaches the
+  target is reported as such and left out of the ratio. Interval above 1: *reproduced*;
+  estimate above 1: *partly*; otherwise *not reproduced*.
 - **Outcome** (diverges; trains, i.e. reaches {TRAINS_FRACTION:.0%} of Inception's best
   accuracy; stays within {CHANCE_MARGIN:g} point of chance, {CHANCE:g} %): every seed shows
   the paper's outcome: *reproduced*; some do: *partly*; none: *not reproduced*.
@@ -130,15 +133,52 @@ def welch(a: dict, b: dict) -> Interval:
 
 
 def steps_to(points: Sequence[tuple[int, float]], target: float) -> int | None:
-    """The first step whose accuracy reaches `target` (None: never)."""
+    """The first evaluated step whose accuracy reaches `target` (None: never)."""
     return next((step for step, acc in points if acc >= target), None)
 
 
-def speedups(slow_steps: int | None, fast_seeds: Sequence[int | None]) -> Interval | None:
-    """Per fast seed: slow_steps / its steps to the target (0 where it never got there)."""
-    if slow_steps is None or not fast_seeds:
+def crossing_step(points: Sequence[tuple[int, float]], target: float) -> float | None:
+    """The step at which the curve `points` ((step, accuracy), in step order) first reaches
+    `target`, by linear interpolation between the evaluation before and the first at or above
+    it (that evaluation's own step when it is the first). None: never reached."""
+    previous = None
+    for step, acc in points:
+        if acc >= target:
+            if previous is None:
+                return float(step)
+            s0, a0 = previous
+            return s0 + (target - a0) / (acc - a0) * (step - s0)
+        previous = (step, acc)
+    return None
+
+
+def ratio_interval(slow: Sequence[float], fast: Sequence[float]) -> Interval | None:
+    """The speed-up slow / fast as the ratio of the arms' geometric mean steps, with the 95 %
+    interval of Welch's test on log steps (every seed of both arms), exponentiated. None when
+    an arm has no step (no seed reached the target); n is the smaller arm's seed count."""
+    if not slow or not fast or min(*slow, *fast) <= 0:
         return None
-    return mean_interval([slow_steps / s if s else 0.0 for s in fast_seeds])
+    d = difference_interval([math.log(s) for s in slow], [math.log(f) for f in fast])
+    return Interval(math.exp(d.value), math.exp(d.low), math.exp(d.high), d.n)
+
+
+def difference_of_differences(
+    a: Sequence[float], b: Sequence[float], c: Sequence[float], d: Sequence[float]
+) -> Interval:
+    """(mean(a) - mean(b)) - (mean(c) - mean(d)) over four independent arms, with a Welch-
+    Satterthwaite 95 % interval (each arm's own variance)."""
+    arms = [a, b, c, d]
+    value = sum(s * sum(x) / len(x) for s, x in zip((1, -1, -1, 1), arms, strict=True))
+    n = min(len(x) for x in arms)
+    if n < 2:
+        return Interval(value, value, value, n)
+    terms = [sum((v - sum(x) / len(x)) ** 2 for v in x) / (len(x) - 1) / len(x) for x in arms]
+    se = math.sqrt(sum(terms))
+    if se == 0:
+        return Interval(value, value, value, n)
+    df = se**4 / sum(t**2 / (len(x) - 1) for t, x in zip(terms, arms, strict=True))
+    half = _t_quantile(df) * se
+    return Interval(value, value - half, value + half, n)
 
 
 def verdict_above(estimate: Interval | None, threshold: float) -> str:

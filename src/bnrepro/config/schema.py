@@ -303,6 +303,11 @@ class MNISTData(_Section):
     sha256: Annotated[
         dict[StrictStr, StrictStr], expect("a mapping of file names to sha256 digests")
     ]
+    # Training images held out for validation (class-balanced, data/mnist.validation_split);
+    # 0: none, evaluations read the test set (Figure 1). With a split, every evaluation reads
+    # the validation images and the test set is read once, at the end.
+    val_size: NonNegativeInt = 0
+    val_seed: NonNegativeInt = 0  # which images are held out: fixed, recorded in summaries
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -375,6 +380,17 @@ class ICSConfig(_Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PlateauConfig(_Section):
+    """trainer.plateau: stop once every member's best monitored accuracy has gained less than
+    `min_gain` points over the last `window` of its steps (training/plateau.py); at
+    `min_steps` at the earliest; trainer.steps stays the cap."""
+
+    window: Annotated[StrictFloat, Field(gt=0, lt=1), expect("a fraction in (0, 1)")]
+    min_gain: Annotated[StrictFloat, Field(ge=0), expect("accuracy points >= 0")]
+    min_steps: PositiveInt
+
+
+@dataclass(frozen=True, kw_only=True)
 class BNStatsProbeConfig(_Section):
     """trainer.bn_stats_probe: at every evaluation, the test accuracy of the same weights with
     each estimate of BN's inference statistics (bnrepro/measures/bn_estimators.py)."""
@@ -411,6 +427,7 @@ class TrainerConfig(_Section):
     # Opt-in measurements of issue 13's experiments; absent (null) elsewhere.
     ics: ICSConfig | None = None
     bn_stats_probe: BNStatsProbeConfig | None = None
+    plateau: PlateauConfig | None = None  # null: train for trainer.steps
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torchvision.datasets import MNIST, FashionMNIST
 
 from bnrepro.errors import DataError
@@ -120,3 +121,29 @@ def load_mnist(
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(images.shape[0], -1).float().div_(255.0)
+
+
+def validation_split(labels: torch.Tensor, size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, validation) indices into the training set: `size` images held out, the same
+    number from each class (size must divide by the class count), drawn by a generator seeded
+    with `seed`, so the split is fixed. Both sorted; together they are every index once."""
+    classes = int(labels.max()) + 1
+    if size % classes or size // classes > int(torch.bincount(labels).min()):
+        raise DataError(
+            f"data.val_size={size} cannot be split evenly over {classes} classes of this "
+            f"training set; use a multiple of {classes} up to {classes} x the smallest class"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for c in range(classes):
+        members = (labels == c).nonzero().flatten()
+        held.append(members[torch.randperm(len(members), generator=generator)[: size // classes]])
+    val = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten(), val
+
+
+def indices_digest(indices: Tensor) -> str:
+    """12 hex digits of sha256 over the indices (int64): what summaries record of a split."""
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:12]

@@ -1,5 +1,6 @@
 """MNIST (Section 4.1) and Fashion-MNIST: the whole dataset as tensors in memory, evaluated on
-all 10k test images.
+all 10k test images, or, with `data.val_size`, on images held out of the training set at every
+evaluation and on the test set once, at the end.
 
 With `seeds` set, the task serves a stacked network (StackedMLP, StackedBNInception): every
 batch is (M, B, 784) or (M, B, 1, 28, 28), member i drawing the data order of seed i, and
@@ -16,7 +17,7 @@ from torch import nn
 
 from bnrepro.config.schema import InceptionConfig, RunConfig
 from bnrepro.data.batches import shuffled_batches, stacked_batches
-from bnrepro.data.mnist import load_mnist
+from bnrepro.data.mnist import indices_digest, load_mnist, validation_split
 from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks.task import (
@@ -40,12 +41,20 @@ def build_mnist_task(
         raw_train=True,
         dataset=cfg.data.name,
     )
-    check_batch_size(cfg, data.train_x.shape[0])  # every rank draws from the whole set
     device = placement.device
     # The MLP takes flat 784-vectors; a convolutional network (BN-Inception scaled down,
-    # experiment/fig2_small) takes 1x28x28 images. Views, no copies.
+    # experiment/fig2_small) takes 1x28x28 images.
     shape = (1, 28, 28) if isinstance(cfg.model, InceptionConfig) else (784,)
-    train_x, train_y = data.train_x.view(-1, *shape).to(device), data.train_y.to(device)
+    train_x, train_y = data.train_x, data.train_y
+    split = None
+    if cfg.data.val_size:
+        kept, held = validation_split(train_y, cfg.data.val_size, cfg.data.val_seed)
+        val_x = train_x[held].float().div_(255.0)  # raw uint8, as the batches scale them
+        val_x, val_y = val_x.view(-1, *shape).to(device), train_y[held].to(device)
+        train_x, train_y = train_x[kept], train_y[kept]
+        split = {"size": len(held), "seed": cfg.data.val_seed, "digest": indices_digest(held)}
+    check_batch_size(cfg, train_x.shape[0])  # every rank draws from the whole set
+    train_x, train_y = train_x.view(-1, *shape).to(device), train_y.to(device)
     test_x, test_y = data.test_x.view(-1, *shape).to(device), data.test_y.to(device)
     # Each replica its own data order (rank 0 = the plain run); each stacked member its seed's.
     seeds = [s + env.rank for s in (cfg.seeds or [cfg.seed])]
@@ -70,12 +79,12 @@ def build_mnist_task(
         epoch_batches = one_epoch
 
     @torch.inference_mode()
-    def evaluate(model: nn.Module) -> list[dict[str, float]]:
+    def accuracy(model: nn.Module, images, labels, name: str) -> list[dict[str, float]]:
         # In chunks: the whole test set at once makes activations of tens of MB, fresh
         # memory at every evaluation, which was 25% slower here than chunks of 2,000.
         model.eval()
         loss_sum, correct = 0.0, 0
-        for x, y in zip(test_x.split(eval_batch), test_y.split(eval_batch), strict=True):
+        for x, y in zip(images.split(eval_batch), labels.split(eval_batch), strict=True):
             logits = model(x)
             if logits.dim() == 2:
                 logits = logits.unsqueeze(0)  # a plain model is a stack of one
@@ -84,17 +93,25 @@ def build_mnist_task(
             loss_sum += losses.double().sum(dim=1)
             correct += (logits.argmax(dim=2) == y).sum(dim=1)
         model.train()
-        n = test_y.numel()
+        n = labels.numel()
         return [
-            {"test/loss": loss / n, "test/acc": 100.0 * right / n}
+            {f"{name}/loss": loss / n, f"{name}/acc": 100.0 * right / n}
             for loss, right in zip(loss_sum.tolist(), correct.tolist(), strict=True)
         ]
+
+    def evaluate_test(model: nn.Module) -> list[dict[str, float]]:
+        return accuracy(model, test_x, test_y, "test")
+
+    def evaluate_val(model: nn.Module) -> list[dict[str, float]]:
+        return accuracy(model, val_x, val_y, "val")
 
     return Task(
         train_batches=batches(0),
         population_batches=batches(POPULATION_SEED_OFFSET) if needs_population else None,
-        evaluate=evaluate,
+        evaluate=evaluate_val if split else evaluate_test,
         probe_x=test_x[: cfg.trainer.probe.num_images],
-        monitor="test/acc",
+        monitor="val/acc" if split else "test/acc",
         epoch_batches=epoch_batches,
+        evaluate_final=evaluate_test if split else None,
+        validation=split,
     )

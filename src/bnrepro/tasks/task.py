@@ -34,6 +34,10 @@ class Task:
     # One pass over the whole training set in training-size batches, a fresh order per call
     # (precise BN, bn_estimators.py); None where the probe is off or the data is not in memory.
     epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    # With a validation split: the test set's records, read once, at the last evaluation.
+    evaluate_final: Callable[[nn.Module], list[dict[str, float]]] | None = None
+    # The validation split (size, seed, digest of its indices) that summaries record; or None.
+    validation: dict[str, int | str] | None = None
 
 
 def check_batch_size(cfg: RunConfig, train_size: int, per_process: bool = False) -> None:

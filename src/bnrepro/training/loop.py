@@ -31,6 +31,7 @@ from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks.task import Task
 from bnrepro.training.optim import StepwiseExponentialLR
 from bnrepro.training.placement import Placement, autocast
+from bnrepro.training.plateau import plateaued
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LoopResult:
     steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
     diverged_at_step: int | None = None
+    plateau_step: int | None = None  # the first evaluation at which trainer.plateau held
 
 
 @dataclass
@@ -224,13 +226,28 @@ def fit(
     loss_log = torch.empty(trainer.sync_every, len(trackers), device=placement.device)
     logged = 0  # steps in loss_log not yet read by the host
 
-    def evaluate_and_log(step: int, extra: list[dict[str, float]]) -> None:
+    def evaluate_and_log(step: int, extra: list[dict[str, float]]) -> bool:
+        """Evaluate and log at `step`; return whether training ends here: the last step, or
+        every member alive has plateaued (trainer.plateau). At the end the task's final
+        records (the test set, with a validation split) join the last evaluation's."""
         records = evaluation_records(network, task, trainer, env, bn, estimators)
+        last = step == trainer.steps
+        if trainer.plateau is not None and step > 0:
+            for i in alive:
+                points = [(r["step"], r[task.monitor]) for r in results[i].history]
+                points.append((step, records[i][task.monitor]))
+                if results[i].plateau_step is None and plateaued(points, trainer.plateau):
+                    results[i].plateau_step = step
+            last = last or all(results[i].plateau_step is not None for i in alive)
+        if last and task.evaluate_final is not None:
+            for record, final in zip(records, task.evaluate_final(network), strict=True):
+                record.update(final)
         for i in alive:
             record = {"step": step} | extra[i] | records[i]
             record["train/lr"] = optimizer.param_groups[0]["lr"]
             trackers[i].log(record)
             results[i].history.append(record)
+        return last
 
     def read_losses(first_step: int, stop: bool) -> bool:
         """Read the logged steps' losses (mean over ranks), record divergences at their exact
@@ -264,6 +281,7 @@ def fit(
 
     if trainer.eval_at_start and not resumed:
         evaluate_and_log(0, [{} for _ in trackers])
+    finished = False  # the last evaluation has been made: the step cap, or a plateau
     model.train()
     window_start = time.perf_counter()
     bar = tqdm(
@@ -276,7 +294,7 @@ def fit(
         disable=not (trainer.progress and env.is_main),
     )
     with bar, sync_debug:
-        while state.step < trainer.steps and alive:
+        while state.step < trainer.steps and alive and not finished:
             x, y = next(task.train_batches)
             if trainer.ics is not None and state.step % trainer.ics.every == 0:
                 with sync_debug.allowed():  # measured steps log their records at once
@@ -305,7 +323,7 @@ def fit(
                 if alive and evaluate:
                     speed = state.loss_count / (time.perf_counter() - window_start)
                     means = (state.loss_sum / state.loss_count).tolist()
-                    evaluate_and_log(step, [{"train/loss": m} for m in means])
+                    finished = evaluate_and_log(step, [{"train/loss": m} for m in means])
                     for tracker in trackers:
                         tracker.log_perf({"step": step, "perf/steps_per_s": speed})
                     first = results[alive[0]].history[-1]
@@ -315,7 +333,7 @@ def fit(
                     state.loss_sum.zero_()
                     state.loss_count = 0
                     window_start = time.perf_counter()
-                if stop or checkpoint or not alive:
+                if stop or checkpoint or not alive or finished:
                     state.seconds = seconds_before + time.perf_counter() - started
                     save_checkpoint(state)
             if stop:

@@ -149,7 +149,7 @@ def train_held(cfg: RunConfig, env: DistEnv, run_dir: Path) -> list[dict[str, An
             raise
         seconds = checkpoints.last_state.seconds if checkpoints.last_state else 0.0
         return [
-            finish_run(c, d, tracker, network, result, task.monitor, seconds, env)
+            finish_run(c, d, tracker, network, result, task.monitor, seconds, env, task.validation)
             for (c, d), tracker, result in zip(runs, trackers, results, strict=True)
         ]
 
@@ -277,6 +277,7 @@ def summarize(
         f"final_{key}": accs[-1] if accs else None,
         f"best_{key}": accs[best] if best is not None else None,
         "best_step": result.history[best]["step"] if best is not None else None,
+        **stopping(cfg, monitor, result),
         "wall_seconds": round(seconds, 3),
         # The whole process's peak (all members of a stacked job share it).
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -294,6 +295,22 @@ def summarize(
         "device": device_name(device),
         "provenance": provenance(device),
     }
+
+
+def stopping(cfg: RunConfig, monitor: str, result: LoopResult) -> dict[str, Any]:
+    """With trainer.plateau: the step at which the member plateaued and what ended its run
+    ("plateau", or "step cap" when trainer.steps came first). With a validation split: the
+    test accuracy read once at the end."""
+    out: dict[str, Any] = {}
+    if cfg.trainer.plateau is not None:
+        out["plateau_step"] = result.plateau_step
+        # A member that plateaued first trains on (uselessly) until every member has.
+        ended = "plateau" if result.plateau_step is not None else "step cap"
+        out["stopped_by"] = ended if result.status == "completed" else result.status
+    last = result.history[-1] if result.history else {}
+    if monitor != "test/acc" and "test/acc" in last:
+        out["final_test_acc"] = last["test/acc"]
+    return out
 
 
 def member_runs(cfg: RunConfig, run_dir: Path, write: bool = True) -> list[tuple[RunConfig, Path]]:
@@ -323,9 +340,13 @@ def finish_run(
     monitor: str,
     seconds: float,
     env: DistEnv,
+    validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write one network's summary.json and figure; return the summary."""
+    """Write one network's summary.json and figure; return the summary. `validation`: the
+    task's validation split, recorded beside the numbers read on it."""
     summary = summarize(cfg, monitor, result, seconds, env.device)
+    if validation is not None:
+        summary["validation"] = validation
     if env.enabled:
         summary |= {
             "world_size": env.world_size,
