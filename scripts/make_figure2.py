@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from omegaconf import OmegaConf
 
 from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import (
@@ -131,6 +132,22 @@ def per_seed(runs: list[RunRecord], metric: str, target: float) -> dict[str, lis
             }
         )
     return out
+
+
+def design(runs: list[RunRecord], target: float) -> str:
+    """The small-scale design as the report states it, read from an Inception run's config."""
+    cfg = OmegaConf.load(next(r for r in runs if r.arm == "inception").path / "config.yaml")
+    trainer, plateau = cfg.trainer, cfg.trainer.plateau
+    return (
+        "BN-Inception at 1/8 width on Fashion-MNIST (28x28), batch 32; validation accuracy on "
+        f"{cfg.data.val_size:,} held-out training images (class-balanced, fixed) every "
+        f"{trainer.eval_every} steps, the test set once at the end; each arm trained until "
+        f"its best validation accuracy gained less than {plateau.min_gain:g} points over the "
+        f"last {plateau.window:.0%} of its steps (from step {plateau.min_steps:,}), or to the "
+        f"{trainer.steps:,}-step cap; base learning rate {cfg.optim.base_lr:g} from the search "
+        f"(lr_search.md); target: Inception's plateau maximum, {target:.2f} % (the lowest of "
+        "its seeds' maxima); steps to it interpolated between evaluations."
+    )
 
 
 def plateau_target(runs: list[RunRecord], metric: str) -> float:
@@ -275,6 +292,7 @@ def main() -> int:
             source=source_text,
             devices=devices,
             per_seed=seeds,
+            **({"design": design(runs, target)} if args.small else {}),
             seed_curves={
                 arm: {str(r.seed): curve(r, scale.metric) for r in runs if r.arm == arm}
                 for arm in results

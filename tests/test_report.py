@@ -138,9 +138,18 @@ def write_figure3(results: Path) -> None:
                 "rows": rows,
                 "per_seed": per_seed,
                 "seed_curves": curves,
+                "design": "a hand-made design",
             }
         )
     )
+
+
+def test_the_report_states_each_experiments_design(tmp_path):
+    write_figure3(tmp_path)
+    report = build_report(tmp_path)
+    claims = "7, 8, 9, 10, 11, 12, 13, 14, 15"
+    assert f"- Claims {claims} (`fig2_small/figure3.json`): a hand-made design" in report
+    assert report.index("a hand-made design") < report.index("| 7 | BN-Baseline trains faster")
 
 
 def test_verdicts_on_hand_made_results(tmp_path):

@@ -11,6 +11,7 @@ README.md's are the block `readme_counts` writes.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,9 +119,23 @@ def constants() -> list[str]:
     return [f"- `{name}` = {value!r}: {meaning}" for name, value, meaning in CONSTANTS]
 
 
-def render(rows: Sequence[Row], origin: Sequence[str] = ()) -> str:
-    """REPORT.md: the rule and its constants, the paper's claims, the follow-up claims of later
-    work, then where the results came from (`origin`, the lines of `provenance`)."""
+def designs(results: Path, claims: Sequence[Claim] = CLAIMS) -> list[str]:
+    """One bullet per results file that states its design (a "design" field, as
+    fig2_small/figure3.json has): which claims read it and how it was measured."""
+    lines = []
+    for source in sorted({s for c in claims for s in c.results}):
+        path = results / source
+        design = json.loads(path.read_text()).get("design") if path.is_file() else None
+        if design:
+            numbers = ", ".join(str(c.number) for c in claims if source in c.results)
+            lines.append(f"- Claims {numbers} (`{source}`): {design}")
+    return lines
+
+
+def render(rows: Sequence[Row], origin: Sequence[str] = (), design: Sequence[str] = ()) -> str:
+    """REPORT.md: the rule and its constants, the paper's claims (with the `design` of the
+    experiments that state one), the follow-up claims of later work, then where the results
+    came from (`origin`, the lines of `provenance`)."""
     paper = [r for r in rows if not r.claim.follow_up]
     follow_up = [r for r in rows if r.claim.follow_up]
     lines = [
@@ -141,6 +156,7 @@ def render(rows: Sequence[Row], origin: Sequence[str] = ()) -> str:
         "",
         "## The paper's claims",
         "",
+        *([*design, ""] if design else []),
         *table(paper, "section", "paper"),
         "",
         counts(paper),
@@ -174,7 +190,9 @@ def render(rows: Sequence[Row], origin: Sequence[str] = ()) -> str:
 
 def build_report(results: Path, claims: Sequence[Claim] = CLAIMS) -> str:
     """REPORT.md for the results under `results`."""
-    return render(assess_claims(results, claims), provenance(results, claims))
+    return render(
+        assess_claims(results, claims), provenance(results, claims), designs(results, claims)
+    )
 
 
 def readme_counts(rows: Sequence[Row], report: str = "results/REPORT.md") -> str:
