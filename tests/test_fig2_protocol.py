@@ -158,6 +158,7 @@ def test_lr_search_winner_is_read_from_its_runs(tmp_path):
     fake_search_run(runs, 0.006, [10.0, 70.0, 75.0])
     fake_search_run(runs, 0.012, [10.0, 80.0], status="diverged")  # higher, but diverged
     fake_search_run(runs, 0.024, [10.0, 10.2, 10.1])  # never above chance
+    fake_search_run(runs, 0.048, [10.0, 85.0, 10.0])  # the highest max, but ends at chance
     out = tmp_path / "out"
     script = str(REPO / "scripts" / "make_lr_search.py")
     proc = subprocess.run(
