@@ -106,7 +106,7 @@ def test_trainer_stops_at_a_plateau_and_reads_the_test_set_once(tmp_path):
     common = [
         "experiment=mnist/bn",
         "+data.val_size=5000",  # absent from data/mnist.yaml: Figure 1 has no split
-        "trainer.steps=120",
+        "trainer.steps=60",
         "trainer.eval_every=20",
         "logger=none",
     ]
@@ -115,22 +115,22 @@ def test_trainer_stops_at_a_plateau_and_reads_the_test_set_once(tmp_path):
         run_dir = tmp_path / name
         args = [
             *common,
-            f"+trainer.plateau={{window: 0.25, min_gain: {gain}, min_steps: 60}}",
+            f"+trainer.plateau={{window: 0.25, min_gain: {gain}, min_steps: 40}}",
             f"hydra.run.dir={run_dir}",
         ]
         proc = run_train(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[name] = (read_summary(run_dir), args, run_dir)
     summary, args, run_dir = results["plateau"]
-    assert (summary["steps"], summary["plateau_step"], summary["stopped_by"]) == (60, 60, "plateau")
+    assert (summary["steps"], summary["plateau_step"], summary["stopped_by"]) == (40, 40, "plateau")
     assert summary["validation"]["size"] == 5000 and "best_val_acc" in summary
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluations = [m for m in metrics if "val/acc" in m]
-    assert [m["step"] for m in evaluations] == [0, 20, 40, 60]
-    assert [m["step"] for m in metrics if "test/acc" in m] == [60]
+    assert [m["step"] for m in evaluations] == [0, 20, 40]
+    assert [m["step"] for m in metrics if "test/acc" in m] == [40]
     assert summary["final_test_acc"] == evaluations[-1]["test/acc"]
     cap = results["cap"][0]
-    assert (cap["steps"], cap["plateau_step"], cap["stopped_by"]) == (120, None, "step cap")
+    assert (cap["steps"], cap["plateau_step"], cap["stopped_by"]) == (60, None, "step cap")
     again = run_train(*args)
     assert again.returncode == 0 and "already finished" in again.stderr + again.stdout
 
