@@ -3,7 +3,9 @@
     python scripts/collect_runs.py logs/reproduce-mnist results/mnist/runs
 
 Each run becomes <arm>-seed<seed>/ with metrics.jsonl, summary.json and the composed config,
-so `make figures` can rebuild the figures on a fresh clone without re-training.
+so `make figures` can rebuild the figures on a fresh clone without re-training. Only finished
+runs (completed or diverged) are collected: one stopped by a signal, or failed, is named and
+left for the same `make reproduce-*` command to resume.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bnrepro.analysis.runs import find_runs
+from bnrepro.training.run import FINISHED
 
 KEEP = {
     "metrics.jsonl": "metrics.jsonl",
@@ -28,7 +31,11 @@ def main() -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("dest", type=Path)
     args = parser.parse_args()
-    runs = find_runs(args.sweep_dir)
+    found = find_runs(args.sweep_dir)
+    runs = [r for r in found if r.summary.get("status") in FINISHED]
+    for run in found:
+        if run not in runs:
+            print(f"not collected ({run.summary.get('status')}, unfinished): {run.path}")
     if not runs:
         print(f"error: no run directories (summary.json) under {args.sweep_dir}", file=sys.stderr)
         return 2

@@ -199,3 +199,24 @@ def test_the_sweep_takes_its_rate_from_the_search():
     sweep = next(i for i, line in enumerate(lines) if "fig2_small/bn_x5_dropout" in line)
     assert search < sweep
     assert "optim.base_lr=$(python3 scripts/make_lr_search.py --winner" in lines[sweep]
+
+
+def test_only_finished_runs_are_collected(tmp_path):
+    """A sweep stopped part-way: its finished runs go to results/, a preempted one stays for
+    the same command to resume."""
+    sweep = tmp_path / "sweep"
+    fake_search_run(sweep, 0.003, [10.0, 70.0])
+    fake_search_run(sweep, 0.006, [10.0, 70.0], status="diverged")
+    fake_search_run(sweep, 0.012, [10.0, 40.0], status="preempted")
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "collect_runs.py"), str(sweep), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lr_search_0.003-seed1",
+        "lr_search_0.006-seed1",
+    ]
+    assert "not collected (preempted, unfinished)" in proc.stdout
