@@ -260,6 +260,7 @@ def main() -> int:
     if args.small:
         ax.set_xscale("symlog", linthresh=100)  # step 0 stays on the axis
         ax.set_xlabel("training step (linear to 100, logarithmic above)")
+        ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
     ax.set_ylabel(scale.ylabel)
     ax.set_title(scale.title)

@@ -19,6 +19,7 @@ from typing import Any
 
 from bnrepro.analysis.runs import RunRecord, find_runs
 from bnrepro.analysis.stats import (
+    NOT_TESTED,
     at_chance,
     combine,
     crossing_step,
@@ -222,9 +223,12 @@ def bn_x30_higher_accuracy(figure3: dict) -> Finding | None:
     )
 
 
-def _outcome(figure3: dict, arm: str, ok: Callable[[dict], bool], what: str) -> Finding:
-    """How many seeds of `arm` show the paper's outcome `ok`, with their max accuracies."""
+def _outcome(figure3: dict, arm: str, ok: Callable[[dict], bool], what: str) -> Finding | None:
+    """How many seeds of `arm` show the paper's outcome `ok`, with their max accuracies; None
+    without runs of `arm`."""
     seeds = figure3["per_seed"].get(arm, [])
+    if not seeds:
+        return None
     hits = sum(ok(s) for s in seeds)
     accs = ", ".join(f"{s['max_acc']:.1f}" for s in seeds if s["max_acc"] is not None)
     text = f"{hits} of {len(seeds)} seeds {what} (max acc {accs} %)"
@@ -235,27 +239,29 @@ def _trains(figure3: dict) -> Callable[[dict], bool]:
     return lambda s: trains(s["max_acc"], s["status"], figure3["target"])
 
 
-def trains_at_high_rates(figure3: dict) -> Finding:
-    """BN-x5 and BN-x30: every seed trains."""
+def trains_at_high_rates(figure3: dict) -> Finding | None:
+    """BN-x5 and BN-x30: every seed trains (an arm without runs: that part not tested)."""
     parts = {
         name: _outcome(figure3, arm, _trains(figure3), "train")
         for name, arm in (("BN-x5", "bn_x5"), ("BN-x30", "bn_x30"))
     }
+    if not any(parts.values()):
+        return None
     return Finding(
-        "; ".join(f"{name}: {f.ours}" for name, f in parts.items()),
-        combine([f.verdict for f in parts.values()]),
+        "; ".join(f"{name}: {f.ours if f else 'no runs'}" for name, f in parts.items()),
+        combine([f.verdict if f else NOT_TESTED for f in parts.values()]),
     )
 
 
-def inception_x5_diverges(figure3: dict) -> Finding:
+def inception_x5_diverges(figure3: dict) -> Finding | None:
     return _outcome(figure3, "inception_x5", lambda s: s["status"] == "diverged", "diverged")
 
 
-def bn_sigmoid_trains(figure3: dict) -> Finding:
+def bn_sigmoid_trains(figure3: dict) -> Finding | None:
     return _outcome(figure3, "bn_x5_sigmoid", _trains(figure3), "train")
 
 
-def sigmoid_stays_at_chance(figure3: dict) -> Finding:
+def sigmoid_stays_at_chance(figure3: dict) -> Finding | None:
     return _outcome(
         figure3, "inception_sigmoid", lambda s: at_chance(s["max_acc"]), "stay at chance"
     )
