@@ -29,8 +29,10 @@ FIG2_DEVICE ?= auto
 FIG2_SWEEP_DIR ?= logs/reproduce-fig2-small
 FIG2_RESULTS := results/fig2_small
 # First the base learning rate, calibrated as the paper's was (Inception without BN, one seed,
-# 1,500 steps, each rate; configs/experiment/fig2_small/lr_search.yaml): 2x apart.
+# each rate for the same fixed budget, no plateau rule; configs/experiment/fig2_small/
+# lr_search.yaml): 2x apart.
 FIG2_LRS ?= 0.00075,0.0015,0.003,0.006,0.012,0.024,0.048,0.096
+FIG2_LR_STEPS ?= 1500
 FIG2_LR_SWEEP_DIR ?= logs/reproduce-fig2-small-lr
 # The seven arms of Figures 2 and 3 and the dropout pair's other halves (the control); the
 # longest first, so the two jobs end together.
@@ -176,7 +178,7 @@ $(foreach e,$(EXPERIMENTS),$(eval $(call REPRODUCE,$(e))))
 
 reproduce-fig2-small-lr: install ## The base learning rate for fig2-small: Inception at each of FIG2_LRS
 	$(PY) -m bnrepro.train --multirun experiment=fig2_small/lr_search optim.base_lr=$(FIG2_LRS) \
-		trainer.device=$(FIG2_DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		trainer.steps=$(FIG2_LR_STEPS) trainer.plateau=null trainer.device=$(FIG2_DEVICE) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
 		hydra.sweep.dir=$(FIG2_LR_SWEEP_DIR) $(ARGS)
 	$(PY) scripts/collect_runs.py $(FIG2_LR_SWEEP_DIR) $(FIG2_RESULTS)/lr_search_runs
 	$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS)

@@ -41,7 +41,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from sgemm_limit import describe, measure_limit
 from torch.utils.data import DataLoader
 from torchvision import transforms
@@ -164,7 +163,7 @@ def work_flop(run: RunRecord) -> float:
     training step at 3x its forward pass (forward, input and weight gradients), a forward pass
     over the test set and the probe images at each evaluation, and Algorithm 2's population
     batches before each evaluation where the run uses them."""
-    cfg = OmegaConf.load(run.path / "config.yaml")
+    cfg = run.config()
     model, trainer = cfg.model, cfg.trainer
     widths = [model.in_features, *model.hidden, model.num_classes]
     forward = 2 * sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=False))

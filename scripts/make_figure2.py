@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from omegaconf import OmegaConf
 
 from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import (
@@ -136,7 +135,7 @@ def per_seed(runs: list[RunRecord], metric: str, target: float) -> dict[str, lis
 
 def design(runs: list[RunRecord], target: float) -> str:
     """The small-scale design as the report states it, read from an Inception run's config."""
-    cfg = OmegaConf.load(next(r for r in runs if r.arm == "inception").path / "config.yaml")
+    cfg = next(r for r in runs if r.arm == "inception").config()
     trainer, plateau = cfg.trainer, cfg.trainer.plateau
     return (
         "BN-Inception at 1/8 width on Fashion-MNIST (28x28), batch 32; validation accuracy on "

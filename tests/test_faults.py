@@ -229,6 +229,8 @@ def test_truncated_idx_file_names_the_file_and_checksum(mnist_root, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+# 25-65 s: in make test-full, to keep make test within 5 minutes (issue 21 added tests)
+@pytest.mark.slow
 def test_truncated_or_foreign_checkpoint_is_one_line(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
     args = [

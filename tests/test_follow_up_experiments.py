@@ -28,6 +28,8 @@ def make_figure(script: str, runs, out) -> dict:
     return json.loads(next(out.glob("*.json")).read_text())
 
 
+# 25-65 s: in make test-full, to keep make test within 5 minutes (issue 21 added tests)
+@pytest.mark.slow
 def test_ics_experiment_logs_the_measures_and_plots_them(tmp_path, mnist_root):
     sweep = tmp_path / "ics"
     proc = run_train(
@@ -56,6 +58,8 @@ def test_ics_experiment_logs_the_measures_and_plots_them(tmp_path, mnist_root):
 COMMON = ("seeds=[1,2]", "epochs=1", "train_examples=1200")
 
 
+# 25-65 s: in make test-full, to keep make test within 5 minutes (issue 21 added tests)
+@pytest.mark.slow
 def test_bn_stats_experiment_evaluates_every_estimate_and_plots(tmp_path, mnist_root):
     """Two batch sizes; the estimates are all evaluated, precise BN's gap is 0."""
     stats_sweep = tmp_path / "bn_stats"

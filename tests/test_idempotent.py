@@ -66,6 +66,8 @@ def test_same_settings_same_directory_and_speed_settings_do_not_count(tmp_path):
             assert run_dir(changed) != base, changed
 
 
+# 25-65 s: in make test-full, to keep make test within 5 minutes (issue 21 added tests)
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_retraining_finished_jobs(mnist_root, tmp_path):
     data = f"paths.data_dir={mnist_root}"
     reference = tmp_path / "reference"

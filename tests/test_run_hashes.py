@@ -4,8 +4,9 @@ A run directory is named by the hash of the settings that define its result
 (bnrepro.config.resolvers.result_hash), so that re-running a command finds its finished runs
 (`make reproduce-*` says "already finished"). A refactoring that changes any composed value,
 adds a key or drops one changes these hashes and orphans every run made before it: this test
-says so. The values were computed at commit 8355403; change them only with a change that is
-meant to define new results (and say so in its commit).
+says so. The values were computed at commit 8355403 (fig2_small's at issue 21's redesign, which defines
+new results: validation split, plateau rule, 100-step evaluations); change them only with a
+change that is meant to define new results (and say so in its commit).
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from .conftest import CONFIGS
 PINNED = {
     "experiment=batch_size/grid": "cf458d28",
     "experiment=bn_stats/bn": "41bfbdc5",
-    "experiment=fig2_small/bn_baseline": "424d7a12",
-    "experiment=fig2_small/bn_x30": "3f83c5fc",
-    "experiment=fig2_small/bn_x5": "921ad3be",
-    "experiment=fig2_small/bn_x5_sigmoid": "597b2a28",
-    "experiment=fig2_small/inception": "cce56189",
-    "experiment=fig2_small/inception_sigmoid": "31647ca5",
-    "experiment=fig2_small/inception_x5": "6aa9c7e8",
     "experiment=ics/baseline": "ce061932",
     "experiment=ics/bn": "08e6c62e",
     "experiment=ics/noisy_bn": "f4479eba",
+    "experiment=fig2_small/bn_baseline": "47de5d53",
+    "experiment=fig2_small/bn_x30": "63467f01",
+    "experiment=fig2_small/bn_x5": "b62b6e80",
+    "experiment=fig2_small/bn_x5_dropout": "3138c1e5",
+    "experiment=fig2_small/bn_x5_sigmoid": "ae6e9434",
+    "experiment=fig2_small/inception": "1ae9c8b8",
+    "experiment=fig2_small/inception_no_dropout": "567800c6",
+    "experiment=fig2_small/inception_sigmoid": "32b184ee",
+    "experiment=fig2_small/inception_x5": "d8feb75b",
+    "experiment=fig2_small/lr_search": "1ae9c8b8",
     "experiment=imagenet/bn_baseline": "b5a29325",
     "experiment=imagenet/bn_x30": "c1b0113d",
     "experiment=imagenet/bn_x5": "50be17c8",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from bnrepro.config.schema import is_bn
 
@@ -36,6 +36,18 @@ class RunRecord:
     @property
     def seed(self) -> int:
         return self.summary["seed"]
+
+    def config(self) -> DictConfig:
+        """The run's composed config: config.yaml beside it once collected, else Hydra's
+        .hydra/config.yaml in its directory or, for a stacked job's seed, the job's."""
+        for path in (
+            self.path / "config.yaml",
+            self.path / ".hydra" / "config.yaml",
+            self.path.parent / ".hydra" / "config.yaml",
+        ):
+            if path.is_file():
+                return OmegaConf.load(path)
+        raise ValueError(f"{self.path}: no config.yaml beside it or in .hydra/")
 
     @property
     def variant(self) -> dict[str, Any]:
