@@ -4,9 +4,9 @@ A run directory is named by the hash of the settings that define its result
 (bnrepro.config.resolvers.result_hash), so that re-running a command finds its finished runs
 (`make reproduce-*` says "already finished"). A refactoring that changes any composed value,
 adds a key or drops one changes these hashes and orphans every run made before it: this test
-says so. The values were computed at commit 8355403 (fig2_small's at issue 21's redesign, which defines
-new results: validation split, plateau rule, 100-step evaluations); change them only with a
-change that is meant to define new results (and say so in its commit).
+says so. The values were computed at commit 8355403 (fig2_small's at issue 21's redesign,
+which defines new results: validation split, plateau rule, 100-step evaluations); change them
+only with a change that is meant to define new results (and say so in its commit).
 """
 
 from __future__ import annotations
