@@ -7,11 +7,15 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bnrepro.analysis.runs import find_runs
 
 from .conftest import REPO, run_train
 
 
+# 28 s: in make test-full, to keep make test within 5 minutes
+@pytest.mark.slow
 def test_grid_sweep_and_table(mnist_root, tmp_path):
     sweep, stored, out = tmp_path / "sweep", tmp_path / "runs", tmp_path / "out"
     proc = run_train(

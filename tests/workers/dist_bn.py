@@ -40,6 +40,9 @@ def main(out: Path, mode: str) -> None:
     weight = network[0].weight.flatten().tolist()
     record = {"world_size": env.world_size, "before": before, "after": after, "weight": weight}
     (out / f"rank{env.rank}.json").write_text(json.dumps(record))
+    # DDP's reducer holds the process group and a gloo thread: free it before the group goes,
+    # or its destructor can abort at exit ("terminate called without an active exception").
+    del model, optimizer
     shutdown(env)
 
 
