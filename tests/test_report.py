@@ -100,15 +100,6 @@ def seed(s: int, max_acc: float, steps: int | None, status: str = "completed") -
     }
 
 
-def hand_curve(entry: dict) -> list[list[float]]:
-    """A validation curve that crosses the target 80 % exactly at the entry's step (a straight
-    line from 10 % at step 0), or stays below it, then ends at its max accuracy."""
-    steps = entry["steps_to_target"]
-    if steps is None:
-        return [[0, 10.0], [2000, entry["max_acc"]]]
-    return [[0, 10.0], [steps, 80.0], [steps + 100, entry["max_acc"]]]
-
-
 def write_figure3(results: Path) -> None:
     """A hand-made small-scale Figure 3: Inception's plateau maximum 80 % (seeds 1 and 3
     reach it at step 1000, seed 2 never)."""
@@ -125,9 +116,6 @@ def write_figure3(results: Path) -> None:
         "bn_x5_dropout": [seed(1, 85.9, 300), seed(2, 86.2, 300), seed(3, 86.1, 300)],
         "inception_no_dropout": [seed(1, 78.0, None), seed(2, 77.5, None), seed(3, 78.5, None)],
     }
-    curves = {
-        arm: {str(e["seed"]): hand_curve(e) for e in entries} for arm, entries in per_seed.items()
-    }
     rows = [{"arm": "inception", "steps_to_target": 1000}]
     (results / "fig2_small").mkdir(parents=True)
     (results / "fig2_small" / "figure3.json").write_text(
@@ -137,7 +125,6 @@ def write_figure3(results: Path) -> None:
                 "target": 80.0,
                 "rows": rows,
                 "per_seed": per_seed,
-                "seed_curves": curves,
                 "design": "a hand-made design",
             }
         )

@@ -106,33 +106,27 @@ def seed_values(figure1: dict, arm: str, key: str) -> list[float] | None:
     return entry.get("values") if entry else None
 
 
-def _crossings(curves: dict[int, list[tuple[int, float]]], target: float) -> str:
-    """Every seed's interpolated step to `target`, e.g. 'seed 1: 1,234; seed 2: never'."""
-    parts = []
-    for seed, points in sorted(curves.items()):
-        step = crossing_step(points, target)
-        parts.append(f"seed {seed}: {'never' if step is None else f'{step:,.0f}'}")
-    return "; ".join(parts)
+def _crossings(steps: dict[int, float | None]) -> str:
+    """Every seed's step to the target, e.g. 'seed 1: 1,234; seed 2: never'."""
+    return "; ".join(
+        f"seed {seed}: {'never' if step is None else f'{step:,.0f}'}"
+        for seed, step in sorted(steps.items())
+    )
 
 
 def speedup_finding(
-    slow: dict[int, list[tuple[int, float]]],
-    fast: dict[int, list[tuple[int, float]]],
-    target: float,
-    what: str,
+    slow: dict[int, float | None], fast: dict[int, float | None], target: float, what: str
 ) -> Finding | None:
-    """The speed-up of `fast` over `slow` (each {seed: curve}) to `target`: every seed's
-    interpolated crossing, the ratio of the arms' geometric means with Welch's interval on log
-    steps; seeds that never reach the target are named and left out."""
+    """The speed-up of `fast` over `slow` (each {seed: interpolated step to `target`, None:
+    never}): the ratio of the arms' geometric means with Welch's interval on log steps; seeds
+    that never reach the target are named and left out."""
     # Reached after step 0 (a curve that starts above the target has no step on a log scale).
-    slow_steps = [s for s in (crossing_step(c, target) for c in slow.values()) if s]
-    fast_steps = [s for s in (crossing_step(c, target) for c in fast.values()) if s]
-    ratio = ratio_interval(slow_steps, fast_steps)
+    ratio = ratio_interval([s for s in slow.values() if s], [s for s in fast.values() if s])
     if ratio is None:
         return None
     return Finding(
         f"{ratio.text('x')} fewer steps to {what} {target:.2f} % (geometric means; the slower "
-        f"arm {_crossings(slow, target)}; the faster {_crossings(fast, target)})",
+        f"arm {_crossings(slow)}; the faster {_crossings(fast)})",
         verdict_speedup(ratio),
     )
 
@@ -143,14 +137,13 @@ def bn_trains_faster(figure1: dict, runs: list[RunRecord]) -> Finding | None:
     base_final = seed_values(figure1, "baseline", "final_test_acc")
     if not base_final:
         return None
-    curves: dict[str, dict[int, list[tuple[int, float]]]] = {"baseline": {}, "bn": {}}
+    target = min(base_final)
+    steps: dict[str, dict[int, float | None]] = {"baseline": {}, "bn": {}}
     for r in runs:
-        if r.arm in curves and r.summary["status"] == "completed":
+        if r.arm in steps and r.summary["status"] == "completed":
             points = [(m["step"], m["test/acc"]) for m in r.metrics if "test/acc" in m]
-            curves[r.arm][r.seed] = points
-    return speedup_finding(
-        curves["baseline"], curves["bn"], min(base_final), "the baseline's lowest final"
-    )
+            steps[r.arm][r.seed] = crossing_step(points, target)
+    return speedup_finding(steps["baseline"], steps["bn"], target, "the baseline's lowest final")
 
 
 def bn_higher_accuracy(figure1: dict) -> Finding | None:
@@ -186,17 +179,17 @@ def bn_stable_distribution(figure1: dict) -> Finding:
 
 
 def faster_than_inception(arm: str, figure3: dict) -> Finding | None:
-    """Steps to Inception's plateau maximum (the target of figure3.json), every seed of
-    Inception and of `arm` (their validation curves)."""
-    curves = figure3.get("seed_curves", {})
-    if "inception" not in curves or arm not in curves:
+    """Steps to Inception's plateau maximum (figure3.json's target), every seed of Inception
+    and of `arm`: the interpolated steps the figure script stored per seed."""
+    seeds = figure3["per_seed"]
+    if "inception" not in seeds or arm not in seeds:
         return None
 
-    def by_seed(name: str) -> dict[int, list[tuple[int, float]]]:
-        return {int(seed): [tuple(p) for p in points] for seed, points in curves[name].items()}
+    def steps(name: str) -> dict[int, float | None]:
+        return {s["seed"]: s["steps_to_target"] for s in seeds[name]}
 
     return speedup_finding(
-        by_seed("inception"), by_seed(arm), figure3["target"], "Inception's plateau maximum"
+        steps("inception"), steps(arm), figure3["target"], "Inception's plateau maximum"
     )
 
 
