@@ -46,6 +46,12 @@ FIG2_EXPERIMENTS := $(subst $(space),$(comma),$(addprefix fig2_small/,$(FIG2_ARM
 # stacked in one process per arm (the fast path).
 ICS_SEEDS ?= [1,2,3,4,5]
 ICS_SWEEP_DIR ?= logs/reproduce-ics
+# Where the network without BN stops training: the landscape's step range ends just below it.
+ICS_LRS ?= 0.1,0.2,0.4,0.8,1.6,3.2,6.4,12.8,25.6,51.2,102.4
+ICS_LR_STEPS ?= 2000
+ICS_LR_SWEEP_DIR ?= logs/reproduce-ics-lr
+# The ICS arms' rate (configs/optim/sgd.yaml): the step scales are multiples of it.
+ICS_LR := 0.1
 ICS_RESULTS := results/ics
 BN_STATS_SEEDS ?= [1,2,3,4,5]
 BN_STATS_BATCH_SIZES ?= 8,16,32,60,150,600
@@ -62,6 +68,7 @@ GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,ince
 
 .PHONY: help install lint format test test-full test-gpu $(addprefix reproduce-,$(EXPERIMENTS)) \
 	reproduce-fig2-small-lr \
+	reproduce-ics-lr \
 	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
@@ -142,8 +149,11 @@ fig2-small_RUNS := $(FIG2_RESULTS)/runs
 fig2-small_FIGURE := make_figure2.py --small
 fig2-small_OUT := $(FIG2_RESULTS)
 
-ics_HELP := ICS and loss landscape: no BN, BN, noisy BN (Santurkar et al.), results/ics/
-ics_SWEEP := experiment=ics/baseline,ics/bn,ics/noisy_bn "seeds=$(ICS_SEEDS)"
+ics_HELP := ICS and loss landscape: no BN, BN, noisy BN, noise alone (Santurkar et al.), results/ics/
+# `=`: the step range is read from the search when the sweep starts.
+ics_SWEEP = experiment=ics/baseline,ics/bn,ics/noisy_bn,ics/noise "seeds=$(ICS_SEEDS)" \
+	trainer.ics.step_scales=$$($(PY) scripts/make_lr_search.py --scales $(ICS_LR) $(ICS_RESULTS)/lr_search.json)
+ics_BEFORE := reproduce-ics-lr
 ics_DIR := $(ICS_SWEEP_DIR)
 ics_RUNS := $(ICS_RESULTS)/runs
 ics_FIGURE := make_ics_figure.py
@@ -183,12 +193,25 @@ reproduce-fig2-small-lr: install ## The base learning rate for fig2-small: Incep
 	$(PY) scripts/collect_runs.py $(FIG2_LR_SWEEP_DIR) $(FIG2_RESULTS)/lr_search_runs
 	$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS)
 
+ICS_LR_FLAGS := --network "MLP without BN (Section 4.1)" --command "make reproduce-ics" \
+	--experiment ics/lr_search \
+	--paper "Santurkar et al. move along the gradient up to just below the rate at which the network without BN diverges."
+
+reproduce-ics-lr: install ## Where the ICS network without BN stops training: its rate at each of ICS_LRS
+	$(PY) -m bnrepro.train --multirun experiment=ics/lr_search optim.base_lr=$(ICS_LRS) \
+		trainer.steps=$(ICS_LR_STEPS) trainer.ics=null hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=$(ICS_LR_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(ICS_LR_SWEEP_DIR) $(ICS_RESULTS)/lr_search_runs
+	$(PY) scripts/make_lr_search.py --runs $(ICS_RESULTS)/lr_search_runs --out $(ICS_RESULTS) $(ICS_LR_FLAGS)
+
 report: install ## results/REPORT.md: every claim of the paper, ours with a 95 % CI and a verdict
 	$(PY) scripts/make_report.py --results results --out results/REPORT.md
 
 figures: install ## Rebuild every figure in results/ from the run logs stored there
 	@set -e; if [ -d $(FIG2_RESULTS)/lr_search_runs ]; then \
 		$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS); fi
+	@set -e; if [ -d $(ICS_RESULTS)/lr_search_runs ]; then \
+		$(PY) scripts/make_lr_search.py --runs $(ICS_RESULTS)/lr_search_runs --out $(ICS_RESULTS) $(ICS_LR_FLAGS); fi
 	@set -e; $(foreach e,$(EXPERIMENTS),\
 		echo "$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT)"; \
 		$(PY) scripts/$($(e)_FIGURE) --runs $($(e)_RUNS) --out $($(e)_OUT);)

@@ -18,9 +18,13 @@ from pathlib import Path
 from bnrepro.analysis.runs import find_runs
 from bnrepro.training.run import FINISHED
 
+# Source -> name in the collection; the first source found for a name wins. config.yaml is
+# what the run was trained with (training/run.member_runs); Hydra's .hydra/config.yaml is
+# rewritten at every launch, so it is only the fallback, for runs made before config.yaml.
 KEEP = {
     "metrics.jsonl": "metrics.jsonl",
     "summary.json": "summary.json",
+    "config.yaml": "config.yaml",
     ".hydra/config.yaml": "config.yaml",
     ".hydra/overrides.yaml": "overrides.yaml",
 }
@@ -55,7 +59,7 @@ def main() -> int:
         target = args.dest / f"{run.arm}-seed{run.seed}"
         target.mkdir(parents=True)
         for source, name in KEEP.items():
-            if (run.path / source).is_file():
+            if (run.path / source).is_file() and not (target / name).exists():
                 shutil.copy2(run.path / source, target / name)
     print(f"collected {len(runs)} runs into {args.dest}")
     return 0

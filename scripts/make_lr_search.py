@@ -1,8 +1,11 @@
-"""The base learning rate of Figures 2 and 3 at small scale, calibrated as the paper's was.
+"""A learning-rate search read from its runs: the best rate, and where the network stops training.
 
     python scripts/make_lr_search.py --runs results/fig2_small/lr_search_runs \
         --out results/fig2_small                  # lr_search.png, .md, .json
     python scripts/make_lr_search.py --winner results/fig2_small/lr_search.json   # prints it
+    python scripts/make_lr_search.py --scales 0.1 results/ics/lr_search.json      # ICS's range
+
+Two searches use it. Figures 2 and 3 at small scale:
 
 The paper's 0.0015 was Inception's own tuned rate (Section 4.2.1). Ours is found the same way
 (experiment=fig2_small/lr_search): Inception without BN at each rate of a grid, one seed, the
@@ -10,6 +13,12 @@ same short budget. The winner is the rate with the best maximum validation accur
 from the runs; every arm's x1 is this rate, x5 and x30 multiply it (the Makefile passes it to
 the sweep as optim.base_lr). "Stops training": the lowest rate above the winner at which the
 network diverged or ended within CHANCE_MARGIN of chance (bnrepro.analysis.stats).
+
+The ICS landscape (experiment=ics/lr_search, `make reproduce-ics`): Santurkar et al. move
+along the gradient up to a step "just below" the rate at which the network without BN
+diverges (Appendix A.2.2). `--scales LR` prints that range as multiples of the run's rate LR:
+from 0.5 up to the highest rate of the grid that still trains below the failing one, doubling.
+The accuracy read is validation accuracy where the runs hold images out, test accuracy if not.
 """
 
 from __future__ import annotations
@@ -25,18 +34,22 @@ from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import RunRecord, find_runs, provenance_of
 from bnrepro.analysis.stats import at_chance
 
-METRIC = "val/acc"
+
+def metric_of(runs: list[RunRecord]) -> str:
+    """val/acc where the runs hold images out, test/acc otherwise."""
+    held_out = any(m.get("val/acc") is not None for r in runs for m in r.metrics)
+    return "val/acc" if held_out else "test/acc"
 
 
 def rate_of(run: RunRecord) -> float:
     return float(run.summary["settings"]["lr"])
 
 
-def table(runs: list[RunRecord]) -> list[dict]:
-    """One row per rate: max and final validation accuracy, status, steps."""
+def table(runs: list[RunRecord], metric: str) -> list[dict]:
+    """One row per rate: max and final accuracy (`metric`), status, steps."""
     rows = []
     for run in sorted(runs, key=rate_of):
-        accs = [m[METRIC] for m in run.metrics if m.get(METRIC) is not None]
+        accs = [m[metric] for m in run.metrics if m.get(metric) is not None]
         rows.append(
             {
                 "lr": rate_of(run),
@@ -44,8 +57,8 @@ def table(runs: list[RunRecord]) -> list[dict]:
                 "status": run.summary["status"],
                 "steps": run.summary["steps"],
                 "diverged_at_step": run.summary.get("diverged_at_step"),
-                "max_val_acc": max(accs) if accs else None,
-                "final_val_acc": accs[-1] if accs else None,
+                "max_acc": max(accs) if accs else None,
+                "final_acc": accs[-1] if accs else None,
             }
         )
     return rows
@@ -54,7 +67,20 @@ def table(runs: list[RunRecord]) -> list[dict]:
 def trains(row: dict) -> bool:
     """Completed, and still above chance at the end (a rate whose net rises for a moment and
     then dies, its ReLUs silent, does not train)."""
-    return row["status"] == "completed" and not at_chance(row["final_val_acc"])
+    return row["status"] == "completed" and not at_chance(row["final_acc"])
+
+
+def step_scales(result: dict, lr: float) -> list[float]:
+    """The landscape's step sizes as multiples of `lr`: 0.5, 1, 2, ... doubling, up to the
+    highest rate of the search that trains below the lowest one that fails (which must exist)."""
+    stops = result["stops_training_at"]
+    if stops is None:
+        raise ValueError("no rate of the search stopped training: widen the grid upwards")
+    top = max(r["lr"] for r in result["rows"] if r["lr"] < stops and trains(r)) / lr
+    scales = [0.5]
+    while scales[-1] * 2 < top:
+        scales.append(scales[-1] * 2)
+    return [*scales, top] if top > scales[-1] else scales
 
 
 def main() -> int:
@@ -62,7 +88,26 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, help="the search's collected runs")
     parser.add_argument("--out", type=Path, help="where lr_search.{png,md,json} go")
     parser.add_argument("--winner", type=Path, help="print the winning rate of this JSON")
+    parser.add_argument(
+        "--scales", nargs=2, metavar=("LR", "JSON"), help="print the landscape's step scales"
+    )
+    parser.add_argument("--network", default="Inception (no BN)", help="what was searched")
+    parser.add_argument("--command", default="make reproduce-fig2-small", help="what ran it")
+    parser.add_argument("--experiment", default="fig2_small/lr_search", help="its experiment")
+    parser.add_argument("--paper", default="The paper's Inception rate was 0.0015.")
     args = parser.parse_args()
+    if args.scales:
+        lr, path = float(args.scales[0]), Path(args.scales[1])
+        if not path.is_file():
+            print(f"error: {path} is missing: run the search first", file=sys.stderr)
+            return 2
+        try:
+            scales = step_scales(json.loads(path.read_text()), lr)
+        except ValueError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 2
+        print("[" + ",".join(f"{v:g}" for v in scales) + "]")
+        return 0
     if args.winner:
         if not args.winner.is_file():
             print(f"error: {args.winner} is missing: run the search first", file=sys.stderr)
@@ -72,19 +117,20 @@ def main() -> int:
     if not (args.runs and args.out):
         parser.error("--runs and --out (or --winner)")
     runs = [r for r in find_runs(args.runs) if r.arm.startswith("lr_search")]
-    rows = table(runs)
+    metric = metric_of(runs)
+    rows = table(runs, metric)
     trained = [r for r in rows if trains(r)]
     if not trained:
         print(f"error: no rate of {args.runs} trained; widen the grid", file=sys.stderr)
         return 2
-    best = max(trained, key=lambda r: r["max_val_acc"])
+    best = max(trained, key=lambda r: r["max_acc"])
     failing = [r["lr"] for r in rows if not trains(r)]
     stops = min((lr for lr in failing if lr > best["lr"]), default=None)
     rates = [r["lr"] for r in rows]
     edge = best["lr"] in (rates[0], rates[-1])
     result = {
-        "metric": METRIC,
-        "rule": "the rate with the best max validation accuracy among those that trained",
+        "metric": metric,
+        "rule": f"the rate with the best max {metric} among those that trained",
         "winner": best["lr"],
         "winner_at_grid_edge": edge,
         "stops_training_at": stops,
@@ -96,46 +142,44 @@ def main() -> int:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for run in sorted(runs, key=rate_of):
-        points = [(m["step"], m[METRIC]) for m in run.metrics if m.get(METRIC) is not None]
+        points = [(m["step"], m[metric]) for m in run.metrics if m.get(metric) is not None]
         left.plot(*zip(*points, strict=True), label=f"lr {rate_of(run):g}")
     left.set_xlabel("training step")
-    left.set_ylabel("validation accuracy (%)")
-    left.set_title("Inception (no BN) at each rate")
+    left.set_ylabel(f"{metric} (%)")
+    left.set_title(f"{args.network} at each rate")
     left.legend(fontsize=7)
-    right.plot(rates, [r["max_val_acc"] for r in rows], "o-")
+    right.plot(rates, [r["max_acc"] for r in rows], "o-")
     right.axvline(best["lr"], color="grey", linestyle=":", label=f"winner {best['lr']:g}")
     right.set_xscale("log")
     right.set_xlabel("base learning rate")
-    right.set_ylabel("max validation accuracy (%)")
+    right.set_ylabel(f"max {metric} (%)")
     right.set_title(f"{rows[0]['steps']:,} steps, seed {rows[0]['seed']}")
     right.legend(fontsize=8)
     save(fig, args.out / "lr_search.png")
 
     lines = [
-        "# The base learning rate at small scale (Inception without BN)",
+        f"# Learning-rate search: {args.network}",
         "",
         "![lr search](lr_search.png)",
         "",
         f"Built by `python scripts/make_lr_search.py --runs {args.runs} --out {args.out}` from "
-        "`make reproduce-fig2-small` (experiment=fig2_small/lr_search). Rule: "
+        f"`{args.command}` (experiment={args.experiment}). Rule: "
         f"{result['rule']}. Winner: **{best['lr']:g}**"
         + (" (at the edge of the grid: widen it)" if edge else "")
         + ". The network stops training at "
         + (f"{stops:g}" if stops is not None else "no rate of the grid")
-        + ". The paper's Inception rate was 0.0015. Runs made at "
+        + f". {args.paper} Runs made at "
         + ", ".join(result["provenance"]["commits"])
         + " on "
         + ", ".join(result["provenance"]["devices"])
         + ".",
         "",
-        "| lr | status | steps | max val acc (%) | final val acc (%) |",
+        f"| lr | status | steps | max {metric} (%) | final {metric} (%) |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         status = r["status"] + (f" at {r['diverged_at_step']:,}" if r["diverged_at_step"] else "")
-        accs = [
-            f"{a:.2f}" if a is not None else "-" for a in (r["max_val_acc"], r["final_val_acc"])
-        ]
+        accs = [f"{a:.2f}" if a is not None else "-" for a in (r["max_acc"], r["final_acc"])]
         lines.append(f"| {r['lr']:g} | {status} | {r['steps']:,} | {accs[0]} | {accs[1]} |")
     (args.out / "lr_search.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

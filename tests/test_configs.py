@@ -211,12 +211,12 @@ TARGETS = "bnrepro.models.mlp.MLP or bnrepro.models.inception.BNInception"
         (
             ["+model.bn.moment=0.1"],
             "model.bn.moment is not a setting (expected one of stats, momentum, eps, "
-            "population_batches); check its spelling",
+            "population_batches, ghost_batch); check its spelling",
         ),
         (
             ["norm=noisy_bn", "+model.noise.shift=1"],
-            "model.noise.shift is not a setting (expected one of mean, std, scale); check its "
-            "spelling",
+            "model.noise.shift is not a setting (expected one of mean, scale, scale_std, "
+            "shift_spread); check its spelling",
         ),
         # A union's tag (data.name, model._target_) that names no section, or none at all.
         (["data.name=cifar10"], f"data.name='cifar10' is invalid: expected {TAGS}."),

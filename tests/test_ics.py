@@ -22,7 +22,9 @@ BN = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=5)
 NORMS = {
     "none": Normalization("none"),
     "bn": Normalization("bn", bn=BN),
-    "noisy_bn": Normalization("noisy_bn", NoiseSettings(mean=1.0, std=0.5, scale=(0.5, 2.0)), BN),
+    "noisy_bn": Normalization(
+        "noisy_bn", NoiseSettings(mean=0.5, scale=(1.0, 1.25), scale_std=0.1, shift_spread=0.1), BN
+    ),
 }
 SCALES = [0.5, 1.0, 2.0]
 
@@ -126,6 +128,10 @@ def test_landscape_of_a_quadratic_matches_its_closed_form():
     beta = np.linalg.norm(Hg) / np.linalg.norm(g)
     assert record["landscape/beta"] == pytest.approx(beta, rel=1e-9)
     assert record["landscape/grad_norm"] == pytest.approx(np.linalg.norm(g), rel=1e-9)
+    # Scale-free: the change relative to ||g|| is eta_max ||H g|| / ||g||.
+    relative = lr * max(SCALES) * np.linalg.norm(Hg) / np.linalg.norm(g)
+    assert record["landscape/grad_change_rel"] == pytest.approx(relative, rel=1e-9)
+    assert record["landscape/loss"] == pytest.approx(loss(theta), rel=1e-9)
     assert changes[-1] == pytest.approx(lr * SCALES[-1] * np.linalg.norm(Hg), rel=1e-9)
 
 

@@ -61,7 +61,7 @@ SETTINGS = {
         eps=1e-5,
     ),
     "group_norm": GroupNormSettings(groups=32, eps=1e-5),
-    "noise": NoiseSettings(mean=1.0, std=0.5, scale=(0.5, 2.0)),
+    "noise": NoiseSettings(mean=0.5, scale=(1.0, 1.25), scale_std=0.1, shift_spread=0.1),
 }
 
 
@@ -189,6 +189,7 @@ def test_every_norm_composes_with_every_model(compose_cfg, experiment, norm):
         "group_norm": nn.GroupNorm,
         "layer_norm": nn.LayerNorm if run.model.target.endswith("MLP") else nn.GroupNorm,
         "noisy_bn": ActivationNoise,
+        "noise": ActivationNoise,
     }[norm]
     assert expected in kinds
     if run.model.target.endswith("MLP"):
@@ -258,24 +259,72 @@ def test_stacked_members_compute_their_plain_networks(norm):
         )
 
 
-def test_noisy_bn_moves_each_units_distribution_every_step():
-    settings = NoiseSettings(mean=1.0, std=0.5, scale=(0.5, 2.0))
-    noise = ActivationNoise(settings)
+ALGORITHM_1 = NoiseSettings(mean=0.5, scale=(1.0, 1.25), scale_std=0.1, shift_spread=0.1)
+
+
+def test_noisy_bn_draws_as_algorithm_1():
+    """Santurkar et al.'s Algorithm 1 (Appendix A.2.1): per unit and step mu ~ U(-0.5, 0.5),
+    sigma ~ U(1, 1.25); per example s ~ N(sigma, 0.1), m ~ U(mu - 0.1, mu + 0.1). Checked on
+    the moments of many draws: per step, the example mean of s is sigma and of m is mu; over
+    steps those follow their uniforms; within a step s has sd 0.1 and m - mu sd 0.1/sqrt(3)."""
+    torch.manual_seed(0)
+    noise = ActivationNoise(ALGORITHM_1)
+    z = torch.zeros(20000, 4, dtype=torch.float64)
+    sigmas, mus, s_sd, m_sd = [], [], [], []
+    for _ in range(400):
+        s, m = noise.draw(z)
+        assert s.shape == m.shape == z.shape  # one draw per example and unit
+        sigmas.append(s.mean(0))
+        mus.append(m.mean(0))
+        s_sd.append(s.std(0))
+        m_sd.append(m.std(0))
+    sigma, mu = torch.stack(sigmas), torch.stack(mus)
+    assert sigma.min() > 1.0 - 0.01 and sigma.max() < 1.25 + 0.01
+    assert mu.min() > -0.5 - 0.01 and mu.max() < 0.5 + 0.01
+    # U(a, b) has mean (a + b) / 2 and sd (b - a) / sqrt(12): over 1,600 draws, within 5 %.
+    torch.testing.assert_close(
+        sigma.mean(), torch.tensor(1.125, dtype=torch.float64), atol=0.005, rtol=0
+    )
+    torch.testing.assert_close(
+        sigma.std(), torch.tensor(0.25 / 12**0.5, dtype=torch.float64), atol=0.004, rtol=0
+    )
+    torch.testing.assert_close(mu.mean(), torch.tensor(0.0, dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        mu.std(), torch.tensor(1 / 12**0.5, dtype=torch.float64), atol=0.015, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.stack(s_sd).mean(), torch.tensor(0.1, dtype=torch.float64), atol=0.001, rtol=0
+    )
+    torch.testing.assert_close(
+        torch.stack(m_sd).mean(),
+        torch.tensor(0.2 / 12**0.5, dtype=torch.float64),
+        atol=0.001,
+        rtol=0,
+    )
+
+
+def test_noise_is_applied_as_s_z_plus_m_and_held_on_request():
+    noise = ActivationNoise(ALGORITHM_1)
     z = torch.randn(4000, 3)
     torch.manual_seed(0)
-    a, b = noise.train()(z), noise(z)
+    a = noise.train()(z)
+    s, m = noise._last
+    torch.testing.assert_close(a, s * z + m)
+    b = noise(z)
     # Per unit: the mean moved by the drawn shift, the spread by the drawn scale, each step.
-    assert (a.mean(0) - b.mean(0)).abs().max() > 0.1
-    assert (a.std(0) / b.std(0) - 1).abs().max() > 0.1
+    assert (a.mean(0) - b.mean(0)).abs().max() > 0.05
     assert torch.equal(noise.eval()(z), z)  # off at inference
     model = nn.Sequential(noise.train())
     with held_noise(model):
         first, again = model(z), model(z)
     torch.testing.assert_close(first, again)
-    stacked = ActivationNoise(settings, stacked=True)
+    conv = ActivationNoise(ALGORITHM_1)
+    s, m = conv.draw(torch.zeros(5, 3, 4, 4))
+    assert s.shape == m.shape == (5, 3, 1, 1)  # a channel is the unit: one draw per example
+    stacked = ActivationNoise(ALGORITHM_1, stacked=True)
     h = torch.randn(2, 3, 4000)  # (members, units, examples)
     out = stacked.train()(h)
-    assert (out[0].mean(1) - out[1].mean(1)).abs().max() > 0.1  # each member its own draw
+    assert (out[0].mean(1) - out[1].mean(1)).abs().max() > 0.05  # each member its own draw
 
 
 def test_new_norms_params_take_the_norm_weight_decay():

@@ -179,22 +179,34 @@ def test_follow_up_verdicts_on_hand_made_results(tmp_path):
     assert {r.verdict for r in follow_up_rows(tmp_path)} == {NOT_TESTED}
     (tmp_path / "ics").mkdir()
     arms = {}
-    for arm, acc, l2, cos, smooth in [
-        ("baseline", 97.0, 0.010, 0.99, 2.0),
-        ("bn", 98.0, 0.020, 0.98, 1.0),
-        ("noisy_bn", 97.8, 0.030, 0.97, 1.9),  # 0.2 below BN: within the no-cost margin
+    # Landscape per phase, (loss range, relative gradient change, beta): BN (the second arm)
+    # smoother on all three in the first tenth, on two at matched loss, on none over the run.
+    phases = {
+        "per_seed_early": {"baseline": (2.0, 2.0, 4.0), "bn": (1.0, 1.0, 1.0)},
+        "per_seed_matched": {"baseline": (2.0, 2.0, 1.0), "bn": (1.0, 1.0, 1.0)},
+        "per_seed_mean": {"baseline": (1.0, 1.0, 1.0), "bn": (1.0, 1.0, 2.0)},
+    }
+    for arm, acc, train, l2, cos in [
+        ("baseline", 97.0, 98.0, 0.010, 0.99),
+        ("bn", 98.0, 99.5, 0.020, 0.98),
+        ("noisy_bn", 97.8, 99.4, 0.030, 0.97),  # 0.2 below BN: within the no-cost margin
+        ("noise", 95.0, 96.0, 0.030, 0.97),  # the control: the noise without BN
     ]:
         arms[arm] = {
             "final_test_acc": spread(acc),
+            "final_train_acc": spread(train),
             "per_seed_mean": {
                 "ics_l2": {"values": [l2, l2 * 1.01, l2 * 0.99]},
                 "ics_cos": {"values": [cos, cos + 0.001, cos - 0.001]},
-                "loss_range": spread(smooth),
-                "grad_change": spread(smooth),
-                "beta": spread(1.0),  # BN no smoother here: that part is not reproduced
             },
         }
-    (tmp_path / "ics" / "ics.json").write_text(json.dumps({"arms": arms}))
+        for phase, by_arm in phases.items():
+            values = by_arm.get(arm, (1.0, 1.0, 1.0))
+            keys = ("loss_range", "grad_change_rel", "beta")
+            measures = {k: spread(v) for k, v in zip(keys, values, strict=True)}
+            arms[arm].setdefault(phase, {}).update(measures)
+    ics = {"arms": arms, "matched_loss_band": [0.05, 0.1]}
+    (tmp_path / "ics" / "ics.json").write_text(json.dumps(ics))
     estimates = {
         name: {
             "final_acc": spread(acc),
@@ -217,7 +229,12 @@ def test_follow_up_verdicts_on_hand_made_results(tmp_path):
     noisy = rows["Noisy BN (unstable distributions) trains about as well as BN, better than no BN"]
     assert noisy.verdict == REPRODUCED
     assert rows["BN does not reduce internal covariate shift"].verdict == REPRODUCED
-    assert rows["BN makes the loss landscape smoother"].verdict == PARTLY  # 2 of 3 parts
+    smoother = rows["BN makes the loss landscape smoother"]
+    assert smoother.verdict == PARTLY  # one phase of three reproduced, one partly, one not
+    assert "first tenth of training: " in smoother.ours and "(reproduced)" in smoother.ours
+    assert "matched training loss (batch loss 0.05-0.1)" in smoother.ours
+    assert "whole run: " in smoother.ours and "(not reproduced)" in smoother.ours
+    assert "noisy BN - noise without BN: 2.80 points" in noisy.ours
     assert (
         rows["EMA statistics trail the weights: precise BN tests better through training"].verdict
         == REPRODUCED

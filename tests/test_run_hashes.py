@@ -5,7 +5,8 @@ A run directory is named by the hash of the settings that define its result
 (`make reproduce-*` says "already finished"). A refactoring that changes any composed value,
 adds a key or drops one changes these hashes and orphans every run made before it: this test
 says so. The values were computed at commit 8355403 (fig2_small's at issue 21's redesign,
-which defines new results: validation split, plateau rule, 100-step evaluations); change them
+which defines new results: validation split, plateau rule, 100-step evaluations; ics's at issue
+22's: Algorithm 1's noise, training accuracy, the measured step range); change them
 only with a change that is meant to define new results (and say so in its commit).
 """
 
@@ -20,9 +21,11 @@ from .conftest import CONFIGS
 PINNED = {
     "experiment=batch_size/grid": "cf458d28",
     "experiment=bn_stats/bn": "41bfbdc5",
-    "experiment=ics/baseline": "ce061932",
-    "experiment=ics/bn": "08e6c62e",
-    "experiment=ics/noisy_bn": "f4479eba",
+    "experiment=ics/baseline": "197b934f",
+    "experiment=ics/bn": "76bae88b",
+    "experiment=ics/noisy_bn": "59f538dc",
+    "experiment=ics/noise": "baec73de",
+    "experiment=ics/lr_search": "197b934f",  # = ics/baseline's: the rate comes from the sweep
     "experiment=fig2_small/bn_baseline": "47de5d53",
     "experiment=fig2_small/bn_x30": "63467f01",
     "experiment=fig2_small/bn_x5": "b62b6e80",
@@ -51,7 +54,7 @@ PINNED = {
     "experiment=mnist/bn_x5_relu": "3fd3bfa4",
     "experiment=mnist/grid": "180f24f8",
     "experiment=mnist/grid norm=bn": "5606b714",
-    "experiment=mnist/grid norm=noisy_bn": "626da6a4",
+    "experiment=mnist/grid norm=noisy_bn": "412094e7",
     "experiment=mnist/grid norm=batch_renorm": "29c1d7b0",
     "experiment=mnist/grid norm=batch_renorm_scaled": "562f21a8",
     "experiment=mnist/grid norm=group_norm": "6121b6b6",

@@ -43,7 +43,7 @@ SETTINGS = {
         eps=1e-5,
     ),
     "group_norm": GroupNormSettings(groups=4, eps=1e-5),  # several groups per member
-    "noise": NoiseSettings(mean=1.0, std=0.5, scale=(0.5, 2.0)),
+    "noise": NoiseSettings(mean=0.5, scale=(1.0, 1.25), scale_std=0.1, shift_spread=0.1),
 }  # fmt: skip
 BN = BNStats(stats="ema", momentum=0.1, eps=1e-5, population_batches=5)
 # Tolerances, relative to each tensor's largest value. The structure (which channels are whose)

@@ -57,6 +57,12 @@ NOT_RESULT = (
 )
 
 
+# Optional result-defining keys that no committed config sets, whose null means what their
+# absence means (model.bn.ghost_batch: null = the whole batch). An absent key is not hashed;
+# a null one is left out too, so `+model.bn.ghost_batch=null,4` finds the runs made without it.
+NULL_IS_ABSENT = ("model.bn.ghost_batch",)
+
+
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out = {}
@@ -76,8 +82,11 @@ def settings_except(cfg: DictConfig, excluded: Iterable[str]) -> dict[str, Any]:
 
 
 def result_hash(cfg: DictConfig) -> str:
-    """8 hex digits of the settings that define a run's result (not those in NOT_RESULT)."""
-    settings = json.dumps(settings_except(cfg, NOT_RESULT), sort_keys=True, default=str)
+    """8 hex digits of the settings that define a run's result (not those in NOT_RESULT, nor
+    a NULL_IS_ABSENT key that is null)."""
+    settings = settings_except(cfg, NOT_RESULT)
+    settings = {k: v for k, v in settings.items() if not (k in NULL_IS_ABSENT and v is None)}
+    settings = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(settings.encode()).hexdigest()[:8]
 
 

@@ -69,8 +69,9 @@ class NormKind(NamedTuple):
 # What normalises each layer before its nonlinearity (models/norms.py): the paper's BN, none,
 # and the alternatives of later work (issue 13): Batch Renormalization (Ioffe 2017), GroupNorm
 # (Wu & He 2018), LayerNorm, and BN followed by noise that shifts its output distribution at
-# every step (Santurkar et al. 2018). Each norm's configs/norm/<norm>.yaml sets model.norm and
-# its section together. The one place that says which norms exist, and which are BN.
+# every step (Santurkar et al. 2018), and that noise alone. Each norm's
+# configs/norm/<norm>.yaml sets model.norm and its section together. The one place that says
+# which norms exist, and which are BN.
 NORMS: dict[str, NormKind] = {
     "none": NormKind(section=None, is_bn=False),
     "bn": NormKind(section=None, is_bn=True),  # model.bn, which every model config has
@@ -78,6 +79,8 @@ NORMS: dict[str, NormKind] = {
     "group_norm": NormKind(section="group_norm", is_bn=False),
     "layer_norm": NormKind(section=None, is_bn=False),
     "noisy_bn": NormKind(section="noise", is_bn=True),
+    # Santurkar et al.'s control: the same noise on the network without BN.
+    "noise": NormKind(section="noise", is_bn=False),
 }
 Norm = Literal[tuple(NORMS)]  # the choices, from NORMS
 
@@ -179,6 +182,11 @@ class BNSettings(_Section):
     momentum: StrictFloat  # torch's EMA momentum (ema; population trains with it, then drops it)
     eps: PositiveFloat
     population_batches: PositiveInt  # K of Algorithm 2
+    # Examples per ghost batch: in training, BN normalises each consecutive group of this many
+    # examples on its own (Hoffer et al. 2017; Ioffe 2017, Section 4.2). Not in any config of
+    # configs/model or configs/norm: absent means the whole batch, and an absent key leaves
+    # every run's hash as it was; experiments add it (+model.bn.ghost_batch=4).
+    ghost_batch: Annotated[StrictInt, Field(ge=2), expect("null or an integer >= 2")] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,14 +212,15 @@ class GroupNormSettings(_Section):
 
 @dataclass(frozen=True, kw_only=True)
 class NoiseSettings(_Section):
-    """model.noise (norm=noisy_bn): what is drawn afresh at every step for each unit j of a
-    BN layer's output z (models/norms.ActivationNoise): a scale s_j in [scale], a mean m_j in
-    [-mean, mean] and a spread v_j in [0, std]; each activation becomes s_j z + m_j + v_j n,
-    n standard normal per example."""
+    """model.noise (norm=noisy_bn or noise): Algorithm 1 of Santurkar et al. 2018 (Appendix
+    A.2.1; models/norms.ActivationNoise). Per unit and step, mu ~ U(-mean, mean) and
+    sigma ~ U(scale); per example, s ~ N(sigma, scale_std) and m ~ U(mu +- shift_spread); each
+    activation z becomes s z + m."""
 
     mean: NonNegativeFloat
-    std: NonNegativeFloat
     scale: Annotated[Pair, ok(lambda v: 0 < v[0] <= v[1]), expect("[low, high] with 0 < low")]
+    scale_std: NonNegativeFloat
+    shift_spread: NonNegativeFloat
 
 
 def _check_norm_settings(model: MLPConfig | InceptionConfig) -> None:
@@ -308,6 +317,9 @@ class MNISTData(_Section):
     # the validation images and the test set is read once, at the end.
     val_size: NonNegativeInt = 0
     val_seed: NonNegativeInt = 0  # which images are held out: fixed, recorded in summaries
+    # Training accuracy (trainset/acc) on the first this-many training images at every
+    # evaluation, in inference mode, as Santurkar et al.'s Figure 2 plots it; 0: none.
+    train_eval_size: NonNegativeInt = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -499,6 +511,7 @@ class RunConfig(_Section):
                 f"and an in-memory dataset (mnist, fashion_mnist), not norm={self.model.norm} "
                 f"on {self.data.name}; set trainer.bn_stats_probe=null"
             )
+        _check_ghost_batch(self)
 
     @property
     def variant(self) -> dict[str, Any]:
@@ -510,6 +523,32 @@ class RunConfig(_Section):
             "lr_mult": self.optim.lr_mult,
             "bn_stats": self.model.bn.stats if is_bn(self.model.norm) else None,
         }
+
+
+def _check_ghost_batch(run: RunConfig) -> None:
+    """ConfigError unless model.bn.ghost_batch (if set) can split each training batch: BN's
+    norms only, a divisor of data.batch_size (each process's batch, and each stacked
+    member's), and no SyncBatchNorm, whose conversion would replace the ghost-batch layers."""
+    ghost = run.model.bn.ghost_batch
+    if ghost is None:
+        return
+    key = f"model.bn.ghost_batch={ghost}"
+    if not is_bn(run.model.norm):
+        raise ConfigError(
+            f"{key} splits BN's batches, but model.norm={run.model.norm} is not BN "
+            f"(bn, noisy_bn); drop it"
+        )
+    if run.data.batch_size % ghost:
+        raise ConfigError(
+            f"{key} does not divide data.batch_size={run.data.batch_size}: each training "
+            f"batch is split into groups of {ghost} examples; use a batch size that is a "
+            f"multiple of it, or a ghost batch that divides it"
+        )
+    if run.trainer.sync_bn:
+        raise ConfigError(
+            f"{key} normalises groups within each process's batch; trainer.sync_bn=true "
+            f"normalises over every process's: drop one of them"
+        )
 
 
 def parse_config(cfg: DictConfig) -> RunConfig:

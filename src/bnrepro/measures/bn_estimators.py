@@ -11,7 +11,8 @@ tests the network with each estimate of every layer's inference mean and varianc
 - ``precise``: "precise BN" (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm"): one pass
   over the whole training set in batches of the training size, in training mode (each layer
   sees what it saw in training), each channel's mean and variance over all those examples,
-  the population estimate the others are compared with.
+  the population estimate the others are compared with (with ghost batches too: the whole
+  training set's statistics, whatever the groups a training step normalises over).
 
 The EMAs and the cumulative average are tracked by forward pre-hooks on the BN layers during
 training steps only (`active`); the network's own buffers are never changed: each estimate
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnrepro.models.batchnorm import recompute_population_stats
+from bnrepro.models.batchnorm import ghost_batch_stats, recompute_population_stats
 
 Batches = Iterator[tuple[Tensor, Tensor]]
 Stats = list[tuple[Tensor, Tensor]]  # per BN layer: (mean, variance), one entry per channel
@@ -43,7 +44,11 @@ def channel_view(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 def batch_stats(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The batch's per-channel mean and unbiased variance, as torch's BN averages them."""
+    """The batch's per-channel mean and unbiased variance, as torch's BN averages them; for
+    ghost batches (model.bn.ghost_batch) the groups' averages, which the layer's own running
+    statistics average."""
+    if getattr(layer, "ghost_batch", None) is not None:
+        return ghost_batch_stats(layer, x)
     x = channel_view(layer, x)
     dims = [d for d in range(x.dim()) if d != 1]
     var, mean = torch.var_mean(x.detach(), dim=dims, correction=1)

@@ -9,12 +9,14 @@ step's mini-batch, with the weights theta before the step and its gradient g:
   k have taken this step's update (layers k.. unchanged): ``ics/<layer>/l2`` = ||G_k - G'_k||
   and ``ics/<layer>/cos`` = cos(G_k, G'_k). A layer whose inputs did not move has l2 = 0 and
   cos = 1.
-- the landscape along g (their Section 3.1, Figure 4), at step sizes eta = lr * step_scales:
-  ``landscape/loss_range``, max - min of L(theta - eta g) over the step sizes and eta = 0
-  ("variation of the loss"); ``landscape/grad_change``, max over eta of
-  ||grad L(theta - eta g) - g|| ("gradient predictiveness": small is predictive); and
-  ``landscape/beta``, max over eta of that change divided by ||eta g||, the effective
-  beta-smoothness.
+- the landscape along g (their Section 3.2, Figure 4, Appendix A.2.2), at step sizes
+  eta = lr * step_scales: ``landscape/loss_range``, max - min of L(theta - eta g) over the
+  step sizes and eta = 0 ("variation of the loss"); ``landscape/grad_change``, max over eta of
+  ||grad L(theta - eta g) - g|| ("gradient predictiveness": small is predictive);
+  ``landscape/grad_change_rel``, that change over ||g|| (scale-free: BN's gradients are
+  larger, which inflates the unnormalised change); ``landscape/beta``, max over eta of the
+  change divided by the distance moved ||eta g||, the effective beta-smoothness (scale-free
+  too); and ``landscape/loss``, the batch loss at theta, to compare arms at matched loss.
 
 Every loss is the training loss on the same batch in training mode (BN with the batch's
 statistics); noisy BN's noise is drawn once and held for all of them. The step itself is the
@@ -108,8 +110,11 @@ def measured_step(
         records = {
             "landscape/loss_range": loss_table.max(dim=0).values - loss_table.min(dim=0).values,
             "landscape/grad_change": torch.stack(changes).max(dim=0).values,
+            "landscape/grad_change_rel": torch.stack(changes).max(dim=0).values
+            / g_norm.clamp_min(1e-300),
             "landscape/beta": torch.stack(betas).max(dim=0).values,
             "landscape/grad_norm": g_norm,
+            "landscape/loss": losses.double(),
         }
 
         # The step itself: the optimizer's, with g.

@@ -15,6 +15,19 @@ Only ``cumulative`` builds layers with ``momentum=None``: torch then reads
 step, and a step no CUDA graph can capture). Population mode trains with the EMA buffers,
 which its recompute discards, and the recompute passes the cumulative factor 1/k as a
 Python float: the same arithmetic as ``momentum=None``, without the sync.
+
+Ghost batches (``model.bn.ghost_batch`` = g; absent or null: the whole batch): in training
+mode a layer splits its batch of N examples into N/g consecutive groups of g and normalises
+each with its own mean and biased variance (same gamma, beta), while the gradient still
+flows through the whole batch: Hoffer et al. 2017's "ghost batch normalization", and Ioffe
+2017 ("Batch Renormalization", Section 4.2), whose workers split 32 examples into
+micro-batches of 4. The groups are channels of one torch kernel call: (N, C, ...) becomes
+(g, C*N/g, ...), channel c*N/g + k being channel c of group k (a copy each way; the stacked
+(M, F, B) activations need none: (1, M*F*B/g, g) is a view). The running statistics (ema,
+cumulative, and so Algorithm 2's recompute) are fed, per step, the average of the groups'
+means and of their unbiased variances: Algorithm 2's E[x] and m/(m-1) E[var] with m = g
+examples (g*H*W values per channel for convolutions), each group counting as one of its
+mini-batches. Inference is unchanged: one affine map from the running statistics.
 """
 
 from __future__ import annotations
@@ -25,7 +38,8 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnrepro.config.schema import BNSettings, parse
@@ -59,18 +73,24 @@ class BNStats(BNSettings):
         return self.stats == "population"
 
     def layer(self, num_features: int, dims: int = 1) -> nn.BatchNorm1d | nn.BatchNorm2d:
-        """A BN layer with these settings.
+        """A BN layer with these settings: torch's own, or its ghost-batch subclass when
+        ghost_batch is set.
 
         dims=1 normalises each feature of (N, C) inputs; dims=2 each feature map of (N, C, H, W)
         inputs over the batch and all positions (Section 3.2).
         """
-        layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
-        return layer(num_features, eps=self.eps, momentum=self.layer_momentum)
+        if self.ghost_batch is None:
+            layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims]
+            return layer(num_features, eps=self.eps, momentum=self.layer_momentum)
+        ghost = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d}[dims]
+        return ghost(num_features, self.ghost_batch, eps=self.eps, momentum=self.layer_momentum)
 
     def stacked_layer(self, members: int, features: int) -> StackedBatchNorm:
         """The BN layer of `members` stacked MLPs' (M, F, B) activations (models/stacked_mlp.py),
         one channel per member and feature."""
-        return StackedBatchNorm(members, features, eps=self.eps, momentum=self.layer_momentum)
+        return StackedBatchNorm(
+            members, features, eps=self.eps, momentum=self.layer_momentum, ghost=self.ghost_batch
+        )
 
     def refresh(
         self, model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None
@@ -84,17 +104,133 @@ class BNStats(BNSettings):
         recompute_population_stats(model, batches, self.population_batches)
 
 
+def ghost_groups(batch: int, ghost_batch: int) -> int:
+    """How many ghost batches of `ghost_batch` examples a batch of `batch` makes; ValueError
+    unless it divides (RunConfig checks data.batch_size before a run starts)."""
+    if batch % ghost_batch:
+        raise ValueError(
+            f"a batch of {batch} examples does not split into ghost batches of "
+            f"model.bn.ghost_batch={ghost_batch}: use a batch size that is a multiple of it"
+        )
+    return batch // ghost_batch
+
+
+def _group_average(stat: Tensor, groups: int) -> Tensor:
+    """Per channel, the average over groups of a grouped layout's (channel c*groups + k)."""
+    return stat.view(-1, groups).mean(dim=1)
+
+
+def ghost_batch_norm(layer: _BatchNorm, grouped: Tensor, groups: int) -> Tensor:
+    """Training-mode BN of `grouped`, the layout `layer.grouped` makes: channel c*groups + k
+    is the layer's channel c in group k, normalised with that group's mean and biased
+    variance and the layer's gamma_c, beta_c (torch's kernel). The layer's running
+    statistics (if it tracks them) move as torch moves them, towards the groups' average mean
+    and average unbiased variance (the module docstring says why)."""
+    track = layer.training and layer.track_running_stats
+    if track:
+        # momentum 1 writes the groups' mean and unbiased variance into these (1*s + 0*0).
+        size, like = layer.num_features * groups, layer.running_mean
+        mean, var = like.new_zeros(size), like.new_zeros(size)
+    else:
+        mean = var = None
+    weight = None if layer.weight is None else layer.weight.repeat_interleave(groups)
+    bias = None if layer.bias is None else layer.bias.repeat_interleave(groups)
+    out = F.batch_norm(grouped, mean, var, weight, bias, True, 1.0, layer.eps)
+    if track:
+        # torch's _BatchNorm.forward: the EMA's momentum, or 1/k for the cumulative average.
+        factor = 0.0 if layer.momentum is None else layer.momentum
+        if layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.add_(1)
+            if layer.momentum is None:
+                factor = 1.0 / float(layer.num_batches_tracked)
+        with torch.no_grad():  # torch's order: momentum * new + (1 - momentum) * running
+            for running, stat in ((layer.running_mean, mean), (layer.running_var, var)):
+                running.mul_(1.0 - factor).add_(_group_average(stat, groups).mul_(factor))
+    return out
+
+
+def ghost_batch_stats(layer: _BatchNorm, x: Tensor) -> tuple[Tensor, Tensor]:
+    """What a ghost-batch layer's running statistics are fed for input `x`: per channel, the
+    average of its groups' means and of their unbiased variances."""
+    grouped, groups = layer.grouped(x.detach())
+    dims = [d for d in range(grouped.dim()) if d != 1]
+    var, mean = torch.var_mean(grouped, dim=dims, correction=1)
+    return _group_average(mean, groups), _group_average(var, groups)
+
+
+class _GhostBatchNorm:
+    """torch's BN on (N, C, ...) inputs, with statistics per ghost batch of `ghost_batch`
+    consecutive examples in training mode (the module docstring); torch's own in evaluation."""
+
+    def __init__(
+        self, num_features: int, ghost_batch: int, eps: float, momentum: float | None
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.ghost_batch = ghost_batch
+
+    def grouped(self, x: Tensor) -> tuple[Tensor, int]:
+        """`x` as (g, C*n, ...), the n groups of g examples as channels c*n + k; and n."""
+        groups = ghost_groups(x.shape[0], self.ghost_batch)
+        rest = x.shape[2:]
+        per_group = x.reshape(groups, self.ghost_batch, x.shape[1], *rest)
+        return per_group.movedim(0, 2).reshape(self.ghost_batch, -1, *rest), groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self.running_mean is not None:
+            return super().forward(x)  # running statistics: every example alike
+        self._check_input_dim(x)
+        grouped, groups = self.grouped(x)
+        out = ghost_batch_norm(self, grouped, groups)
+        channels, rest = x.shape[1], x.shape[2:]
+        out = out.reshape(self.ghost_batch, channels, groups, *rest).movedim(2, 0)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return out.reshape(x.shape).contiguous(memory_format=layout)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost_batch={self.ghost_batch}"
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    """BatchNorm1d with ghost batches of `ghost_batch` examples in training mode."""
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    """BatchNorm2d with ghost batches of `ghost_batch` examples in training mode: each feature
+    map's statistics over g examples and all positions."""
+
+
 class StackedBatchNorm(nn.BatchNorm1d):
     """BN per member and feature of (M, F, B) activations, as channels of a (1, M*F, B) view:
     torch's own kernel, statistics over each member's B examples, members never mixed. Member
-    i's statistics and gamma, beta are entries i*F .. (i+1)*F - 1."""
+    i's statistics and gamma, beta are entries i*F .. (i+1)*F - 1. With `ghost` = g, training
+    statistics are over each member's consecutive groups of g examples, the channels of a
+    (1, M*F*B/g, g) view."""
 
-    def __init__(self, members: int, features: int, eps: float, momentum: float | None) -> None:
+    def __init__(
+        self,
+        members: int,
+        features: int,
+        eps: float,
+        momentum: float | None,
+        ghost: int | None = None,
+    ) -> None:
         super().__init__(members * features, eps=eps, momentum=momentum)
-        self.members, self.features = members, features
+        self.members, self.features, self.ghost_batch = members, features, ghost
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return super().forward(h.reshape(1, -1, h.shape[-1])).view_as(h)
+    def grouped(self, h: Tensor) -> tuple[Tensor, int]:
+        """`h` as (1, M*F*n, g), member-feature c's group k in channel c*n + k; and n."""
+        groups = ghost_groups(h.shape[-1], self.ghost_batch)
+        return h.reshape(1, -1, self.ghost_batch), groups
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.ghost_batch is None or (not self.training and self.running_mean is not None):
+            return super().forward(h.reshape(1, -1, h.shape[-1])).view_as(h)
+        return ghost_batch_norm(self, *self.grouped(h)).view_as(h)
+
+    def extra_repr(self) -> str:
+        ghost = "" if self.ghost_batch is None else f", ghost_batch={self.ghost_batch}"
+        return f"{super().extra_repr()}{ghost}"
 
 
 def recompute_population_stats(

@@ -9,13 +9,16 @@ the stacked BN-Inception (models/stacked_inception.py), from the table `NORM_LAY
 - ``bn``: the paper's BN (models/batchnorm.py), module name ``bn``.
 - ``noisy_bn``: BN, then `ActivationNoise`: Santurkar et al. 2018's "noisy BN", whose output
   distribution moves at every step (module names ``bn``, ``noise``).
+- ``noise``: `ActivationNoise` alone, on the network without BN: their control (``noise``;
+  no beta, so the linear map keeps its bias).
 - ``batch_renorm``: Batch Renormalization (Ioffe 2017, models/batch_renorm.py), ``norm``.
 - ``group_norm``: torch's GroupNorm (Wu & He 2018), gcd(C, groups) groups, ``norm``.
 - ``layer_norm``: torch's LayerNorm over a layer's features (``norm``); for convolutions
   torch's GroupNorm with one group, which is LayerNorm over (C, H, W) with per-channel gamma
   and beta (Wu & He's definition; ``nn.LayerNorm`` would need H and W when built).
 
-Every norm but ``none`` has a beta, which replaces the linear map's bias (Section 3.2).
+Every norm but ``none`` and ``noise`` has a beta, which replaces the linear map's bias
+(Section 3.2).
 
 Which norms exist, the settings section each reads and which are BN is config.schema.NORMS
 (torch-free). A new norm touches four files: configs/norm/<norm>.yaml (model.norm and its
@@ -42,15 +45,16 @@ from bnrepro.models.batchnorm import BNStats
 
 
 class ActivationNoise(nn.Module):
-    """Noise after BN that changes its output distribution at every training step.
+    """Santurkar et al.'s "noisy BN" noise (arXiv 1805.11604, Appendix A.2.1, Algorithm 1),
+    which makes a unit's output distribution move at every training step.
 
-    At each training forward, per unit j (per member and unit for stacked (M, F, B) input):
-    a scale s_j ~ U(scale), a mean m_j ~ U(-mean, mean), a spread v_j ~ U(0, std); each
-    activation z becomes s_j z + m_j + v_j n with n ~ N(0, 1) drawn per example. The unit's
-    output then has a non-zero mean and a non-unit variance that differ from step to step,
-    which is what Santurkar et al. use to destroy BN's distributional stability. Identity in
-    evaluation mode. `hold` reuses the last draw (the ICS measurement evaluates one step's
-    loss several times, bnrepro/measures/ics.py).
+    At each training forward, per unit j (a feature of (N, F) input, a channel of (N, C, H, W),
+    a member's feature of stacked (M, F, B)): a mean mu_j ~ U(-mean, mean) and a scale
+    sigma_j ~ U(scale); then per example i, s_ij ~ N(sigma_j, scale_std) and
+    m_ij ~ U(mu_j - shift_spread, mu_j + shift_spread), and the activation becomes
+    s_ij * z_ij + m_ij (one draw per example and channel for convolutions: a channel is the
+    unit BN normalises). Identity in evaluation mode. `hold` reuses the last draw (the ICS
+    measurement evaluates one step's loss several times, bnrepro/measures/ics.py).
     """
 
     def __init__(self, settings: NoiseSettings, stacked: bool = False) -> None:
@@ -62,28 +66,35 @@ class ActivationNoise(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         if not self.training:
             return z
-        if not (self.hold and self._last is not None and self._last[1].shape == z.shape):
-            self._last = self._draw(z)
+        if not (self.hold and self._last is not None and self._last[0].shape[:2] == z.shape[:2]):
+            self._last = self.draw(z)
         scale, shift = self._last
         return z * scale + shift
 
-    def _draw(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        # Per-unit shape: every example dimension set to 1 (stacked: (M, F, 1)).
-        examples = [1] * (z.dim() - 2)
-        unit_shape = (*z.shape[:2], 1) if self.stacked else (1, z.shape[1], *examples)
-        low, high = self.settings.scale
+    def draw(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(s, m) for a batch like `z`, broadcastable against it: Algorithm 1's draws."""
+        spatial = [1] * (z.dim() - 2)  # a channel's positions share their example's draw
+        if self.stacked:  # (M, F, B): units (M, F), examples B
+            unit_shape, example_shape = (*z.shape[:2], 1), z.shape
+        else:  # (N, C, ...): units C, examples N
+            unit_shape, example_shape = (1, z.shape[1], *spatial), (*z.shape[:2], *spatial)
+        s = self.settings
 
-        def uniform(a: float, b: float) -> Tensor:
-            return torch.empty(unit_shape, device=z.device, dtype=z.dtype).uniform_(a, b)
+        def uniform(shape: tuple[int, ...], low: float, high: float) -> Tensor:
+            return torch.empty(shape, device=z.device, dtype=z.dtype).uniform_(low, high)
 
-        scale = uniform(low, high)
-        mean = uniform(-self.settings.mean, self.settings.mean)
-        spread = uniform(0.0, self.settings.std)
-        return scale, mean + spread * torch.randn_like(z)
+        mu = uniform(unit_shape, -s.mean, s.mean)
+        sigma = uniform(unit_shape, *s.scale)
+        scale = sigma + s.scale_std * torch.randn(example_shape, device=z.device, dtype=z.dtype)
+        offset = uniform(example_shape, -s.shift_spread, s.shift_spread)
+        return scale, mu + offset
 
     def extra_repr(self) -> str:
         s = self.settings
-        return f"scale={list(s.scale)}, mean=±{s.mean}, std<={s.std}, stacked={self.stacked}"
+        return (
+            f"mu~U(±{s.mean}), sigma~U{tuple(s.scale)}, s~N(sigma, {s.scale_std}), "
+            f"m~U(mu±{s.shift_spread}), stacked={self.stacked}"
+        )
 
 
 @contextlib.contextmanager
@@ -162,7 +173,7 @@ class Normalization:
     @property
     def has_beta(self) -> bool:
         """Whether the layers end in a learnt shift, which replaces the linear map's bias."""
-        return self.kind != "none"
+        return self.kind not in ("none", "noise")
 
     def layers(self, features: int, dims: int = 1) -> dict[str, nn.Module]:
         """The modules between a linear map (dims=1, (N, C) input) or a convolution (dims=2,
@@ -240,6 +251,14 @@ def _stacked_noisy_bn(norm: Normalization, members: int, features: int) -> dict[
     return _stacked_bn(norm, members, features) | {"noise": noise}
 
 
+def _noise(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
+    return {"noise": ActivationNoise(norm.settings)}
+
+
+def _stacked_noise(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
+    return {"noise": ActivationNoise(norm.settings, stacked=True)}
+
+
 def _batch_renorm(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
     return {"norm": BatchRenorm(features, **vars(norm.settings))}
 
@@ -285,6 +304,7 @@ NORM_LAYERS: dict[str, NormLayers] = {
     "none": NormLayers(_none, _none, _none),
     "bn": NormLayers(_bn, _stacked_bn, _grouped_per_channel(_bn)),
     "noisy_bn": NormLayers(_noisy_bn, _stacked_noisy_bn, _grouped_per_channel(_noisy_bn)),
+    "noise": NormLayers(_noise, _stacked_noise, _grouped_per_channel(_noise)),
     "batch_renorm": NormLayers(
         _batch_renorm, _stacked_batch_renorm, _grouped_per_channel(_batch_renorm)
     ),

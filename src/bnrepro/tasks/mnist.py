@@ -99,8 +99,16 @@ def build_mnist_task(
             for loss, right in zip(loss_sum.tolist(), correct.tolist(), strict=True)
         ]
 
+    n_train_eval = cfg.data.train_eval_size
+    train_eval_x = train_x[:n_train_eval].float().div_(255.0)  # raw uint8, as batches scale them
+    train_eval_y = train_y[:n_train_eval]
+
     def evaluate_test(model: nn.Module) -> list[dict[str, float]]:
-        return accuracy(model, test_x, test_y, "test")
+        records = accuracy(model, test_x, test_y, "test")
+        if n_train_eval:
+            train = accuracy(model, train_eval_x, train_eval_y, "trainset")
+            records = [r | t for r, t in zip(records, train, strict=True)]
+        return records
 
     def evaluate_val(model: nn.Module) -> list[dict[str, float]]:
         return accuracy(model, val_x, val_y, "val")

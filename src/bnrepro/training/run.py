@@ -315,8 +315,13 @@ def stopping(cfg: RunConfig, monitor: str, result: LoopResult) -> dict[str, Any]
 
 def member_runs(cfg: RunConfig, run_dir: Path, write: bool = True) -> list[tuple[RunConfig, Path]]:
     """(config, run directory) of each trained network: the job itself, or with `seeds` one
-    per seed in <run_dir>/seed<k>/, each a complete run directory of its own."""
+    per seed in <run_dir>/seed<k>/, each a complete run directory of its own. With `write`
+    (when training starts or resumes) each gets config.yaml, the config it trains with: Hydra
+    rewrites .hydra/ at every launch, "already finished" included, so only this file still
+    says what a finished run was trained with after the sweep is launched again."""
     if not cfg.seeds:
+        if write:
+            OmegaConf.save(cfg.source, run_dir / "config.yaml")
         return [(cfg, run_dir)]
     runs = []
     for seed in cfg.seeds:
@@ -327,6 +332,7 @@ def member_runs(cfg: RunConfig, run_dir: Path, write: bool = True) -> list[tuple
         if write:  # what Hydra writes for a job, so every run directory looks the same
             (member_dir / ".hydra").mkdir(parents=True, exist_ok=True)
             OmegaConf.save(source, member_dir / ".hydra" / "config.yaml")
+            OmegaConf.save(source, member_dir / "config.yaml")
         runs.append((replace(cfg, seed=seed, seeds=None, source=source), member_dir))
     return runs
 
