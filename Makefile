@@ -150,9 +150,10 @@ fig2-small_FIGURE := make_figure2.py --small
 fig2-small_OUT := $(FIG2_RESULTS)
 
 ics_HELP := ICS and loss landscape: no BN, BN, noisy BN, noise alone (Santurkar et al.), results/ics/
-# `=`: the step range is read from the search when the sweep starts.
+# `=`: the step range is read from the search when the sweep starts. `++`: the key exists in
+# the ics experiments only, and a multirun checks its overrides against the bare config first.
 ics_SWEEP = experiment=ics/baseline,ics/bn,ics/noisy_bn,ics/noise "seeds=$(ICS_SEEDS)" \
-	trainer.ics.step_scales=$$($(PY) scripts/make_lr_search.py --scales $(ICS_LR) $(ICS_RESULTS)/lr_search.json)
+	++trainer.ics.step_scales=$$($(PY) scripts/make_lr_search.py --scales $(ICS_LR) $(ICS_RESULTS)/lr_search.json)
 ics_BEFORE := reproduce-ics-lr
 ics_DIR := $(ICS_SWEEP_DIR)
 ics_RUNS := $(ICS_RESULTS)/runs
