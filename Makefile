@@ -68,7 +68,7 @@ GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,ince
 
 .PHONY: help install lint format test test-full test-gpu $(addprefix reproduce-,$(EXPERIMENTS)) \
 	reproduce-fig2-small-lr \
-	reproduce-ics-lr \
+	reproduce-ics-lr reproduce-deep-linear \
 	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
@@ -204,6 +204,9 @@ reproduce-ics-lr: install ## Where the ICS network without BN stops training: it
 		hydra.sweep.dir=$(ICS_LR_SWEEP_DIR) $(ARGS)
 	$(PY) scripts/collect_runs.py $(ICS_LR_SWEEP_DIR) $(ICS_RESULTS)/lr_search_runs
 	$(PY) scripts/make_lr_search.py --runs $(ICS_RESULTS)/lr_search_runs --out $(ICS_RESULTS) $(ICS_LR_FLAGS)
+
+reproduce-deep-linear: install ## Santurkar et al.'s deep linear network: landscape with and without BN (about a minute), results/ics/deep_linear/
+	$(PY) scripts/deep_linear.py --out $(ICS_RESULTS)/deep_linear --seeds 1 2 3 --steps 10000
 
 report: install ## results/REPORT.md: every claim of the paper, ours with a 95 % CI and a verdict
 	$(PY) scripts/make_report.py --results results --out results/REPORT.md

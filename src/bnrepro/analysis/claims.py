@@ -417,6 +417,30 @@ def smoother_landscape(ics: dict) -> Finding | None:
     return Finding("no BN - BN; " + "; ".join(texts), combine(verdicts))
 
 
+def smoother_deep_linear(dln: dict) -> Finding | None:
+    """Santurkar et al.'s deep linear network (ics/deep_linear/deep_linear.json): no BN - BN,
+    per seed's mean over a phase, of loss variation, relative gradient change and beta, over
+    the step range their rule gives for our network (up to the largest rate at which no seed
+    of the network without BN diverged); each phase's verdict combines its three measures, the
+    claim's the two phases. The paper's own range is printed for comparison, not judged: its
+    top lies past our network's divergence rate."""
+    summary = dln["summary"]
+    texts, verdicts = [], []
+    for phase, label in (("early", "first tenth"), ("whole", "whole run")):
+        base, bn = (summary[arm]["rule"]["mean"][phase] for arm in ("no_bn", "bn"))
+        parts = {k: welch(base[k], bn[k]) for k in LANDSCAPE}
+        verdict = combine([verdict_difference(v) for v in parts.values()])
+        texts.append(
+            f"{label}: "
+            + ", ".join(f"{LANDSCAPE[k]} {v.text(digits=3)}" for k, v in parts.items())
+            + f" ({verdict})"
+        )
+        verdicts.append(verdict)
+    rule = dln["ranges"]["rule"]
+    scales = f"steps {min(rule['scales']):g}-{rule['top_over_lr']:g} x lr"
+    return Finding(f"no BN - BN, {scales}; " + "; ".join(texts), combine(verdicts))
+
+
 def _errors(batch_size: dict, *cells: tuple[str, str]) -> list[dict] | None:
     """The per-seed test errors of each (norm, batch size), or None if one is missing."""
     norms = batch_size["norms"]
@@ -652,6 +676,17 @@ CLAIMS: list[Claim] = [
         "gradient differ most early in training, beta throughout",
         estimator=smoother_landscape,
         **_ICS,
+    ),
+    Claim(
+        26,
+        "BN makes the landscape smoother: the deep linear network",
+        f"{_SANTURKAR}, Sec. 3.2, Fig. 4, App. A.1",
+        "25-layer linear network, full-batch GD at lr 1e-6: BN smoother (loss, gradient, beta)",
+        estimator=smoother_deep_linear,
+        results=("ics/deep_linear/deep_linear.json",),
+        figure="ics/deep_linear/deep_linear.png",
+        command="make reproduce-deep-linear",
+        follow_up=True,
     ),
     Claim(
         21,
