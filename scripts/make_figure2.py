@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import (
@@ -241,29 +242,41 @@ def main() -> int:
         target = plateau_target(runs, scale.metric)
     seeds = per_seed(runs, scale.metric, target)
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for arm, label in scale.arms.items():
-        if arm in results:
-            r = results[arm]
-            line = ax.plot(r.steps, r.curve, label=label + (" (diverged)" if r.diverged else ""))
-            band = r.seed_curves
-            if args.small and band.shape[0] > 1:
-                ax.fill_between(
-                    r.steps, band.min(0), band.max(0), color=line[0].get_color(), alpha=0.15
-                )
-            crossed = [s["steps_to_target"] for s in seeds[arm] if s["steps_to_target"]]
-            if args.small and crossed:
-                ax.plot([geometric_mean(crossed)], [target], "o", color=line[0].get_color())
-    ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("training step")
+    # At small scale a second panel zooms in on the target, where the arms cross it.
+    fig, axes = plt.subplots(1, 2 if args.small else 1, figsize=(14 if args.small else 7.5, 4.8))
+    panels = list(axes) if args.small else [axes]
+    for ax in panels:
+        for arm, label in scale.arms.items():
+            if arm in results:
+                r = results[arm]
+                text = label + (" (diverged)" if r.diverged else "")
+                line = ax.plot(r.steps, r.curve, label=text)
+                band = r.seed_curves
+                if args.small and band.shape[0] > 1:
+                    ax.fill_between(
+                        r.steps, band.min(0), band.max(0), color=line[0].get_color(), alpha=0.15
+                    )
+                crossed = [s["steps_to_target"] for s in seeds[arm] if s["steps_to_target"]]
+                if args.small and crossed:
+                    ax.plot([geometric_mean(crossed)], [target], "o", color=line[0].get_color())
+        ax.axhline(target, color="grey", linewidth=0.8, linestyle=":", label="target")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(scale.ylabel)
+        ax.legend(fontsize=8)
+    ax = panels[0]
+    ax.set_title(scale.title)
     if args.small:
         ax.set_xscale("symlog", linthresh=100)  # step 0 stays on the axis
         ax.set_xlabel("training step (linear to 100, logarithmic above)")
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
-    ax.set_ylabel(scale.ylabel)
-    ax.set_title(scale.title)
-    ax.legend(fontsize=8)
+        zoom = panels[1]
+        top = max(float(np.nanmax(r.curve)) for r in results.values())
+        zoom.set_xscale("log")
+        zoom.set_xlim(500, max(max(r.steps) for r in results.values()))
+        zoom.set_ylim(target - 8, top + 1)
+        zoom.set_xlabel("training step (logarithmic, from 500)")
+        zoom.set_title(f"near the target ({target:.2f} %, dotted); dots: crossings")
     args.out.mkdir(parents=True, exist_ok=True)
     save(fig, args.out / "figure2.png")
 

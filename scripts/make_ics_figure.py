@@ -27,6 +27,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import RunRecord, figure_command
@@ -186,6 +187,8 @@ def plot(data: dict, path: Path) -> None:
             _band(ax, curve["steps"], np.array(curve["per_seed"], dtype=float), arm)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k" if v else "0"))
         ax.set_ylabel("%" if key.endswith("acc") else MEASURES[key][1].split("/")[-1])
         ax.grid(True, alpha=0.3)
         if key in ("loss_range", "grad_change_rel", "beta", "ics_l2"):

@@ -300,29 +300,18 @@ def moving_averages_as_algorithm2(bn_stats: dict) -> Finding | None:
 
 
 def precise_bn_through_training(bn_stats: dict) -> Finding | None:
-    """Wu & Johnson: precise BN minus EMA (0.1), mean over the evaluations, batch 60."""
+    """Wu & Johnson: precise BN minus EMA (0.1), mean over the evaluations after step 0 (at
+    step 0 the weights are untrained and every estimate tests alike), batch 60."""
     entry = bn_stats["batch_sizes"].get("60")
     if not entry:
         return None
-    gaps = entry["estimates"]["ema_0.1"]["gap_through_training"]["values"]
+    ema = entry["estimates"]["ema_0.1"]
+    gaps = ema["gap_through_training"]["values"]
     d = mean_interval([-g for g in gaps])
+    evaluations = len(ema["gap_curves"][0]) - 1 if "gap_curves" in ema else None
+    which = f"the {evaluations} evaluations after step 0" if evaluations else "the evaluations"
     return Finding(
-        f"{d.text(' points')} test accuracy, precise BN - EMA (0.1), mean over the "
-        f"evaluations, batch 60",
-        verdict_difference(d),
-    )
-
-
-def precise_bn_small_batch(bn_stats: dict) -> Finding | None:
-    """Wu & Johnson: precise BN minus EMA (0.1) at the end of training, smallest batch."""
-    batches = bn_stats["batch_sizes"]
-    if not batches:
-        return None
-    smallest = min(batches, key=int)
-    final_gap = batches[smallest]["estimates"]["ema_0.1"]["final_gap"]["values"]
-    d = mean_interval([-g for g in final_gap])
-    return Finding(
-        f"{d.text(' points')} final test accuracy, precise BN - EMA (0.1), batch {smallest}",
+        f"{d.text(' points')} test accuracy, precise BN - EMA (0.1), mean over {which}, batch 60",
         verdict_difference(d),
     )
 
@@ -697,15 +686,9 @@ CLAIMS: list[Claim] = [
         follow_up=True,
         **_BN_STATS,
     ),
-    Claim(
-        22,
-        "With small batches, precise BN beats EMA at the end of training",
-        f"{_WU_JOHNSON}, Sec. 3",
-        "EMA's estimate worse when batch statistics are noisy",
-        estimator=precise_bn_small_batch,
-        follow_up=True,
-        **_BN_STATS,
-    ),
+    # 22 ("with small batches, precise BN beats EMA at the end", attributed to Wu & Johnson's
+    # Section 3) is withdrawn: the small-batch effect they describe (Section 4) is a train/test
+    # inconsistency that affects precise statistics too, which that row did not test.
     Claim(
         23,
         "BN's error rises as the batch shrinks; GroupNorm's does not",
@@ -717,8 +700,9 @@ CLAIMS: list[Claim] = [
     Claim(
         24,
         "Batch Renorm beats BN with small batches",
-        "Ioffe 2017, Sec. 4.3",
-        "Inception-v3, minibatches of 4: Batch Renorm well above BN",
+        "Ioffe 2017, Sec. 4.2",
+        "Inception-v3, 50 x 32 examples normalised in micro-batches of 4: BN 74.2 % (210k "
+        "steps), Batch Renorm 76.5 % (130k); batch-32 BN 78.3 % (top-1)",
         estimator=renorm_small_batch,
         **_BATCH_SIZE,
     ),
