@@ -25,7 +25,8 @@ def code_version(root: str | None = None) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout at `root` (default: the one this package runs from);
     (None, None) outside a git checkout. Dirty: tracked files outside results/ differ from the
     commit. Untracked and ignored files (logs/, .venv/) do not count, nor does results/, which
-    the suite's own `make reproduce-*` targets rewrite between the sweeps of one session."""
+    the suite's own `make reproduce-*` targets rewrite between the sweeps of one session, nor
+    Markdown (*.md): documentation, which `make report` rewrites (README's verdict counts)."""
     cwd = root or repo_root()
 
     def git(*args: str) -> str:
@@ -36,7 +37,8 @@ def code_version(root: str | None = None) -> tuple[str | None, bool | None]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
+        dirty = any(not line.endswith(".md") for line in changed.splitlines())
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, dirty
