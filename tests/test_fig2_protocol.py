@@ -73,6 +73,41 @@ def test_speedup_interval_uses_every_seed_of_both_arms():
     assert ratio_interval([], fast) is None and ratio_interval(slow, []) is None
 
 
+def seed(number: int, *, steps: float | None, max_acc: float, final: float, status="completed"):
+    return {
+        "seed": number,
+        "steps_to_target": steps,
+        "max_acc": max_acc,
+        "final_acc": final,
+        "status": status,
+    }
+
+
+def test_an_arm_that_never_reaches_the_target_is_not_faster_and_chance_is_a_failure():
+    """Rows 9 and 12 on hand-made per-seed results: a faster arm none of whose seeds reaches
+    the target is "not reproduced" (not "not tested"); Inception-x5 fails when it diverges or
+    ends at chance (a dead ReLU network's loss never diverges)."""
+    from bnrepro.analysis.claims import faster_than_inception, inception_x5_diverges
+    from bnrepro.analysis.stats import NOT_REPRODUCED, PARTLY
+
+    figure3 = {
+        "target": 86.0,
+        "per_seed": {
+            "inception": [seed(i, steps=5000.0 + i, max_acc=87, final=86) for i in (1, 2, 3)],
+            "bn_x30": [seed(i, steps=None, max_acc=85, final=84) for i in (1, 2, 3)],
+            "inception_x5": [
+                seed(1, steps=None, max_acc=57, final=10.0),
+                seed(2, steps=None, max_acc=11, final=10.0, status="diverged"),
+                seed(3, steps=None, max_acc=68, final=34.8),
+            ],
+        },
+    }
+    x30 = faster_than_inception("bn_x30", figure3)
+    assert x30.verdict == NOT_REPRODUCED and "no seed of the faster arm reached" in x30.ours
+    x5 = inception_x5_diverges(figure3)
+    assert x5.verdict == PARTLY and x5.ours.startswith("2 of 3 seeds diverged or ended at chance")
+
+
 def test_difference_of_differences():
     d = difference_of_differences(
         [2.0, 2.2, 1.8], [1.0, 1.1, 0.9], [0.0, 0.1, -0.1], [2.0, 2.1, 1.9]
@@ -177,6 +212,14 @@ def test_lr_search_winner_is_read_from_its_runs(tmp_path):
         text=True,
     )
     assert printed.stdout.strip() == "0.003"
+    # The landscape's step range (the ICS search): from 0.5 x lr, doubling, up to the highest
+    # rate that trains below the lowest failing one above the winner (0.006, as 6 x 0.001).
+    scales = subprocess.run(
+        [sys.executable, script, "--scales", "0.001", str(out / "lr_search.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert scales.stdout.strip() == "[0.5,1,2,4,6]", scales.stderr
     missing = subprocess.run(
         [sys.executable, script, "--winner", str(tmp_path / "none.json")],
         capture_output=True,

@@ -19,6 +19,7 @@ from typing import Any
 
 from bnrepro.analysis.runs import RunRecord, find_runs
 from bnrepro.analysis.stats import (
+    NOT_REPRODUCED,
     NOT_TESTED,
     at_chance,
     combine,
@@ -122,6 +123,12 @@ def speedup_finding(
     that never reach the target are named and left out."""
     # Reached after step 0 (a curve that starts above the target has no step on a log scale).
     ratio = ratio_interval([s for s in slow.values() if s], [s for s in fast.values() if s])
+    if ratio is None and fast and not any(fast.values()) and any(slow.values()):
+        return Finding(
+            f"no seed of the faster arm reached {what} {target:.2f} % (the slower arm "
+            f"{_crossings(slow)}; the faster {_crossings(fast)})",
+            NOT_REPRODUCED,
+        )
     if ratio is None:
         return None
     return Finding(
@@ -247,7 +254,17 @@ def trains_at_high_rates(figure3: dict) -> Finding | None:
 
 
 def inception_x5_diverges(figure3: dict) -> Finding | None:
-    return _outcome(figure3, "inception_x5", lambda s: s["status"] == "diverged", "diverged")
+    """Training fails: the loss diverged (the loop's rule), or the network ended at chance
+    (its ReLUs dead: the loss stays at log 10 and never diverges) - the learning-rate search's
+    "stops training"."""
+    ends = ", ".join(f"{s['final_acc']:.1f}" for s in figure3["per_seed"].get("inception_x5", []))
+    found = _outcome(
+        figure3,
+        "inception_x5",
+        lambda s: s["status"] == "diverged" or at_chance(s["final_acc"]),
+        "diverged or ended at chance",
+    )
+    return found and Finding(f"{found.ours[:-1]}; at the end {ends} %)", found.verdict)
 
 
 def bn_sigmoid_trains(figure3: dict) -> Finding | None:
@@ -368,7 +385,7 @@ def ics_not_reduced(ics: dict) -> Finding | None:
 # gradient over its norm; beta is a change per distance moved), and the phases compared.
 LANDSCAPE = {
     "loss_range": "loss variation",
-    "grad_change_rel": "gradient change / ||g||",
+    "grad_change_rel": "relative gradient change",
     "beta": "beta",
 }
 PHASES = {
@@ -419,9 +436,10 @@ def smoother_deep_linear(dln: dict) -> Finding | None:
         base, bn = (summary[arm]["rule"]["mean"][phase] for arm in ("no_bn", "bn"))
         parts = {k: welch(base[k], bn[k]) for k in LANDSCAPE}
         verdict = combine([verdict_difference(v) for v in parts.values()])
+        digits = {"loss_range": 0, "grad_change_rel": 3, "beta": 0}  # losses are sums here
         texts.append(
             f"{label}: "
-            + ", ".join(f"{LANDSCAPE[k]} {v.text(digits=3)}" for k, v in parts.items())
+            + ", ".join(f"{LANDSCAPE[k]} {v.text(digits=digits[k])}" for k, v in parts.items())
             + f" ({verdict})"
         )
         verdicts.append(verdict)
