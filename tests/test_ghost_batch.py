@@ -193,7 +193,10 @@ def test_one_ghost_batch_of_the_whole_batch_is_plain_bn_exactly(kind, dtype):
     for name in ("weight", "bias"):
         assert torch.equal(getattr(ghost, name).grad, getattr(plain, name).grad), name
     ghost.eval(), plain.eval()
-    assert torch.equal(ghost(x), plain(x))
+    if dtype == torch.float64:
+        assert torch.equal(ghost(x), plain(x))
+    else:  # from the running statistics, equal to rounding (above)
+        torch.testing.assert_close(ghost(x), plain(x))
 
 
 @pytest.mark.parametrize("kind", SHAPES)

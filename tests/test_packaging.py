@@ -59,5 +59,6 @@ def test_every_results_folder_has_a_reproduce_target_and_a_figure():
         runs = folder.relative_to(REPO).as_posix()
         assert f"--runs {runs} --out" in figures, runs
         assert "collect_runs.py" in reproduce and f" {runs}\n" in reproduce, runs
-    # One sweep per experiment, and fig2-small's learning-rate search before its sweep.
-    assert reproduce.count("-m bnrepro.train --multirun") == len(experiments.group(1).split()) + 1
+    # One sweep per experiment, and the learning-rate searches of fig2-small and ics before
+    # their sweeps.
+    assert reproduce.count("-m bnrepro.train --multirun") == len(experiments.group(1).split()) + 2

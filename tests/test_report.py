@@ -274,7 +274,7 @@ def test_make_report_reproduces_the_committed_report_and_readme_counts(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == (REPO / "results" / "REPORT.md").read_bytes()
     assert (tmp_path / "README.md").read_text() == readme
-    assert "7 reproduced, 3 partly, 0 not reproduced, 7 not tested here" in readme
+    assert "10 reproduced, 4 partly, 2 not reproduced, 1 not tested here" in readme
 
 
 def test_report_lists_every_constant_of_the_rule():
@@ -294,7 +294,7 @@ def test_a_claim_added_in_process_is_rendered(tmp_path):
     write_figure3(tmp_path)
     new = [
         Claim(
-            26,
+            96,
             "BN-x5-Sigmoid trains faster than Inception",
             "4.2.2, Fig. 3",
             "no number",
@@ -304,7 +304,7 @@ def test_a_claim_added_in_process_is_rendered(tmp_path):
             "make reproduce-fig2-small",
         ),
         Claim(
-            27,
+            97,
             "Inception's best is at least 80 %",
             "made up",
             "80 %",
@@ -318,16 +318,16 @@ def test_a_claim_added_in_process_is_rendered(tmp_path):
     report = build_report(tmp_path, [*CLAIMS, *new])
     # 1000 / sqrt(750 * 500) = 1.63 (seed 2 never reached 80 %): above 1, its interval not.
     assert (
-        "| 26 | BN-x5-Sigmoid trains faster than Inception | 4.2.2, Fig. 3 | no number | 1.63x "
+        "| 96 | BN-x5-Sigmoid trains faster than Inception | 4.2.2, Fig. 3 | no number | 1.63x "
     ) in report
-    row_27 = "| 27 | Inception's best is at least 80 % | made up | 80 % | 80 % | **reproduced** |"
+    row_27 = "| 97 | Inception's best is at least 80 % | made up | 80 % | 80 % | **reproduced** |"
     assert row_27 in report
-    # The counts include them: 9 claims from figure3.json above, plus 26 (partly).
+    # The counts include them: 9 claims from figure3.json above, plus 96 (partly).
     paper, follow_up = report.split("## Follow-up claims")
     assert "Verdicts: 6 reproduced, 4 partly, 0 not reproduced, 8 not tested here." in paper
     assert "Verdicts: 1 reproduced, 0 partly, 0 not reproduced, 8 not tested here." in follow_up
-    assert "| `fig2_small/` | 7, 8, 9, 10, 11, 12, 13, 14, 15, 26, 27 | 0 |" in report
-    with pytest.raises(ValueError, match="claim number 26 is used twice"):
+    assert "| `fig2_small/` | 7, 8, 9, 10, 11, 12, 13, 14, 15, 96, 97 | 0 |" in report
+    with pytest.raises(ValueError, match="claim number 96 is used twice"):
         build_report(tmp_path, [*CLAIMS, new[0], new[0]])
 
 
@@ -345,7 +345,7 @@ def test_provenance_names_each_folders_commits(tmp_path):
         (run / "metrics.jsonl").write_text("")
     rows = {line.split(" | ")[0]: line for line in provenance(tmp_path)}
     assert rows["| `ics/`"] == (
-        "| `ics/` | 18, 19, 20 | 3 | abc1234+dirty, def5678, not recorded | 2.5.1, not recorded "
+        "| `ics/` | 18, 19, 20, 26 | 3 | abc1234+dirty, def5678, not recorded | 2.5.1, not recorded "
         "| cpu |"
     )
     assert rows["| `mnist/`"].endswith("| 0 | - | - | - |")  # no runs there

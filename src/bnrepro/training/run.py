@@ -38,7 +38,7 @@ from bnrepro.infra.distributed import (
     wrap_model,
 )
 from bnrepro.infra.preemption import PreemptionSignals
-from bnrepro.infra.provenance import provenance
+from bnrepro.infra.provenance import code_version, provenance
 from bnrepro.infra.run_lock import hold_run
 from bnrepro.infra.tracking import Tracker, open_trackers
 from bnrepro.measures.bn_estimators import StatsEstimators
@@ -77,6 +77,7 @@ def already_finished(cfg: RunConfig, run_dir: Path) -> list[dict[str, Any]] | No
 
 def train_held(cfg: RunConfig, env: DistEnv, run_dir: Path) -> list[dict[str, Any]]:
     """What `train` does once this process holds `run_dir`: build, train, summarize."""
+    code_version()  # the checkout as training starts (cached): what the summary records
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.set_flush_denormal(cfg.trainer.flush_denormal)
     placement = decide_placement(cfg, env)  # the task, the network and the loop follow it
