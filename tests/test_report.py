@@ -345,8 +345,8 @@ def test_provenance_names_each_folders_commits(tmp_path):
         (run / "metrics.jsonl").write_text("")
     rows = {line.split(" | ")[0]: line for line in provenance(tmp_path)}
     assert rows["| `ics/`"] == (
-        "| `ics/` | 18, 19, 20, 26 | 3 | abc1234+dirty, def5678, not recorded | 2.5.1, not recorded "
-        "| cpu |"
+        "| `ics/` | 18, 19, 20, 26 | 3 | abc1234+dirty, def5678, not recorded "
+        "| 2.5.1, not recorded | cpu |"
     )
     assert rows["| `mnist/`"].endswith("| 0 | - | - | - |")  # no runs there
 
