@@ -18,14 +18,15 @@ from pathlib import Path
 from bnrepro.analysis.runs import find_runs
 from bnrepro.training.run import FINISHED
 
-# Source -> name in the collection; the first source found for a name wins. config.yaml is
-# what the run was trained with (training/run.member_runs); Hydra's .hydra/config.yaml is
-# rewritten at every launch, so it is only the fallback, for runs made before config.yaml.
+# Source -> name in the collection; the first source found for a name wins. config.yaml and
+# overrides.yaml are what the run was trained with (training/run.member_runs); Hydra's .hydra/
+# copies are rewritten at every launch, so they are only the fallback, for older runs.
 KEEP = {
     "metrics.jsonl": "metrics.jsonl",
     "summary.json": "summary.json",
     "config.yaml": "config.yaml",
     ".hydra/config.yaml": "config.yaml",
+    "overrides.yaml": "overrides.yaml",
     ".hydra/overrides.yaml": "overrides.yaml",
 }
 

@@ -37,6 +37,9 @@ def test_single_run_writes_the_run_directory_contract(mnist_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    # What the run trained with, kept beside it: Hydra rewrites .hydra/ at every launch.
+    for name in ("config.yaml", "overrides.yaml"):
+        assert (run_dir / name).read_text() == (run_dir / ".hydra" / name).read_text(), name
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 100, 200, 300]
     for record in records[1:]:

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import resource
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -323,6 +324,9 @@ def member_runs(cfg: RunConfig, run_dir: Path, write: bool = True) -> list[tuple
     if not cfg.seeds:
         if write:
             OmegaConf.save(cfg.source, run_dir / "config.yaml")
+            overrides = run_dir / ".hydra" / "overrides.yaml"  # the job's command-line overrides
+            if overrides.is_file():
+                shutil.copy2(overrides, run_dir / "overrides.yaml")
         return [(cfg, run_dir)]
     runs = []
     for seed in cfg.seeds:
