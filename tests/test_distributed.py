@@ -189,6 +189,9 @@ JOB = [
 RESUMED_RUN = ["-m", "bnrepro.train", *JOB, "trainer.progress=false"]
 
 
+# make test-full: the quick tier keeps SIGKILL resume of one process (test_faults) and the
+# distributed BN statistics under torchrun; this combination costs a minute.
+@pytest.mark.slow
 def test_torchrun_killed_mid_run_resumes_every_rank_bit_identically(mnist_root, tmp_path):
     """Issue 19: a checkpoint holds every rank's random states, data positions and BN buffers.
 

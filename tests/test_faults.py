@@ -90,10 +90,9 @@ def uninterrupted(mnist_root, tmp_path_factory) -> Callable[[str], Path]:
     return run_dir_of
 
 
-# make test-full runs both; make test has the same Checkpointer's exact resume after SIGKILL
-# through the 2-rank torchrun test (tests/test_distributed.py), which covers more state.
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["plain", "stacked"])
+# make test runs the plain one (39 s here); make test-full the stacked one too, and the 2-rank
+# torchrun kill (tests/test_distributed.py), which covers more state and costs a minute.
+@pytest.mark.parametrize("variant", ["plain", pytest.param("stacked", marks=pytest.mark.slow)])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(
     variant, uninterrupted, mnist_root, tmp_path
 ):
