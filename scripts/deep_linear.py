@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -31,9 +29,9 @@ import numpy as np
 import torch
 
 from bnrepro.analysis.plots import save
+from bnrepro.infra.provenance import code_version, cpu_model
 from bnrepro.measures.deep_linear import DLN, DLNConfig, Probe, divergence_lr, make_data, train
 
-SOURCES = ["scripts/deep_linear.py", "src/bnrepro/measures/deep_linear.py"]
 ARMS = {"no_bn": ("no BN", False, "tab:blue"), "bn": ("BN", True, "tab:red")}
 # Each measure: (title of its panel and table column, y-axis label).
 MEASURES = {
@@ -45,23 +43,6 @@ MEASURES = {
     "beta": ("effective beta-smoothness", "max ||grad L(theta - eta g) - g|| / ||eta g||"),
 }
 SUMMARISED = ("loss_range", "grad_change", "grad_change_rel", "beta", "grad_norm")  # in the JSON
-
-
-def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
-    # rstrip only: porcelain lines start with a status column that may be a space.
-    return out.stdout.rstrip() if out.returncode == 0 else "unknown"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (bnrepro.infra.provenance has the same, but
-    importing it loads torchvision and Hydra: seconds this script does not otherwise need)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def seed_spread(values: np.ndarray) -> dict[str, object]:
@@ -161,8 +142,7 @@ def main() -> None:
 
     wall = time.perf_counter() - start
     command = " ".join(["python", *map(shlex.quote, sys.argv)])
-    commit = git("rev-parse", "--short", "HEAD")
-    changed = git("status", "--porcelain", "--", *SOURCES)
+    commit, dirty = code_version()
     machine = {
         "cpu": cpu_model(),
         "device": "cpu",
@@ -205,8 +185,8 @@ def main() -> None:
         },
         "provenance": {
             "command": command,
-            "commit": commit,
-            "uncommitted": changed.splitlines() if changed else [],
+            "commit": commit[:7] if commit else "unknown",
+            "uncommitted": bool(dirty),  # code or configs differ from the commit
             **machine,
             "seconds": {"total": round(wall, 1), **{k: round(v, 1) for k, v in seconds.items()}},
         },
@@ -292,11 +272,7 @@ def write_markdown(path: Path, record: dict, cfg: DLNConfig, div_lrs: list[float
         "(`deep_linear.json` has the absolute change and ||g|| too).",
         "",
         f"Made by `{prov['command']}` at commit {prov['commit']}"
-        + (
-            f" (with uncommitted work in {', '.join(line[3:] for line in prov['uncommitted'])})"
-            if prov["uncommitted"]
-            else ""
-        )
+        + (" (with uncommitted changes to code or configs)" if prov["uncommitted"] else "")
         + f", on {prov['device']} ({prov['cpu']}, {prov['threads']} torch thread, load average "
         f"{prov['load_average_at_end'][0]} at the end: the machine was shared), torch "
         f"{prov['torch']}: {prov['seconds']['total']:.0f} s wall clock.",
