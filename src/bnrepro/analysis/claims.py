@@ -223,15 +223,19 @@ def bn_x30_higher_accuracy(figure3: dict) -> Finding | None:
     )
 
 
-def _outcome(figure3: dict, arm: str, ok: Callable[[dict], bool], what: str) -> Finding | None:
-    """How many seeds of `arm` show the paper's outcome `ok`, with their max accuracies; None
-    without runs of `arm`."""
+def _outcome(
+    figure3: dict, arm: str, ok: Callable[[dict], bool], what: str, finals: bool = False
+) -> Finding | None:
+    """How many seeds of `arm` show the paper's outcome `ok`, with their max accuracies (and,
+    with `finals`, their final ones); None without runs of `arm`."""
     seeds = figure3["per_seed"].get(arm, [])
     if not seeds:
         return None
     hits = sum(ok(s) for s in seeds)
     accs = ", ".join(f"{s['max_acc']:.1f}" for s in seeds if s["max_acc"] is not None)
-    text = f"{hits} of {len(seeds)} seeds {what} (max acc {accs} %)"
+    ends = ", ".join(f"{s['final_acc']:.1f}" for s in seeds) if finals else ""
+    text = f"{hits} of {len(seeds)} seeds {what} (max acc {accs} %"
+    text += f"; at the end {ends} %)" if finals else ")"
     return Finding(text, verdict_outcomes(hits, len(seeds)))
 
 
@@ -257,14 +261,13 @@ def inception_x5_diverges(figure3: dict) -> Finding | None:
     """Training fails: the loss diverged (the loop's rule), or the network ended at chance
     (its ReLUs dead: the loss stays at log 10 and never diverges) - the learning-rate search's
     "stops training"."""
-    ends = ", ".join(f"{s['final_acc']:.1f}" for s in figure3["per_seed"].get("inception_x5", []))
-    found = _outcome(
+    return _outcome(
         figure3,
         "inception_x5",
         lambda s: s["status"] == "diverged" or at_chance(s["final_acc"]),
         "diverged or ended at chance",
+        finals=True,
     )
-    return found and Finding(f"{found.ours[:-1]}; at the end {ends} %)", found.verdict)
 
 
 def bn_sigmoid_trains(figure3: dict) -> Finding | None:
@@ -395,6 +398,15 @@ PHASES = {
 }
 
 
+def _landscape_phase(label: str, base: dict, bn: dict, digits: dict[str, int]) -> tuple[str, str]:
+    """One phase's no BN - BN of the LANDSCAPE measures (per-seed entries of each arm): its
+    text, and its verdict, which combines the three measures."""
+    parts = {k: welch(base[k], bn[k]) for k in LANDSCAPE}
+    verdict = combine([verdict_difference(v) for v in parts.values()])
+    measures = ", ".join(f"{LANDSCAPE[k]} {v.text(digits=digits[k])}" for k, v in parts.items())
+    return f"{label}: {measures} ({verdict})", verdict
+
+
 def smoother_landscape(ics: dict) -> Finding | None:
     """Loss variation, relative gradient change and beta-smoothness, no BN - BN, in each
     phase (ics.json: the first tenth, matched training loss, the whole run); a phase's verdict
@@ -407,16 +419,11 @@ def smoother_landscape(ics: dict) -> Finding | None:
     for phase, label in PHASES.items():
         if not all(k in base.get(phase, {}) and k in bn.get(phase, {}) for k in LANDSCAPE):
             continue
-        parts = {k: welch(base[phase][k], bn[phase][k]) for k in LANDSCAPE}
-        verdict = combine([verdict_difference(v) for v in parts.values()])
         if phase == "per_seed_matched":
             low, high = ics["matched_loss_band"]
             label += f" (batch loss {low:.3g}-{high:.3g})"
-        texts.append(
-            f"{label}: "
-            + ", ".join(f"{LANDSCAPE[k]} {v.text(digits=3)}" for k, v in parts.items())
-            + f" ({verdict})"
-        )
+        text, verdict = _landscape_phase(label, base[phase], bn[phase], dict.fromkeys(LANDSCAPE, 3))
+        texts.append(text)
         verdicts.append(verdict)
     if not texts:
         return None
@@ -428,20 +435,15 @@ def smoother_deep_linear(dln: dict) -> Finding | None:
     per seed's mean over a phase, of loss variation, relative gradient change and beta, over
     the step range their rule gives for our network (up to the largest rate at which no seed
     of the network without BN diverged); each phase's verdict combines its three measures, the
-    claim's the two phases. The paper's own range is printed for comparison, not judged: its
-    top lies past our network's divergence rate."""
+    claim's the two phases. The paper's own range (its top past our network's divergence rate)
+    is in deep_linear.md, not judged here."""
     summary = dln["summary"]
+    digits = {"loss_range": 0, "grad_change_rel": 3, "beta": 0}  # losses are sums here
     texts, verdicts = [], []
     for phase, label in (("early", "first tenth"), ("whole", "whole run")):
         base, bn = (summary[arm]["rule"]["mean"][phase] for arm in ("no_bn", "bn"))
-        parts = {k: welch(base[k], bn[k]) for k in LANDSCAPE}
-        verdict = combine([verdict_difference(v) for v in parts.values()])
-        digits = {"loss_range": 0, "grad_change_rel": 3, "beta": 0}  # losses are sums here
-        texts.append(
-            f"{label}: "
-            + ", ".join(f"{LANDSCAPE[k]} {v.text(digits=digits[k])}" for k, v in parts.items())
-            + f" ({verdict})"
-        )
+        text, verdict = _landscape_phase(label, base, bn, digits)
+        texts.append(text)
         verdicts.append(verdict)
     rule = dln["ranges"]["rule"]
     scales = f"steps {min(rule['scales']):g}-{rule['top_over_lr']:g} x lr"
