@@ -61,14 +61,28 @@ BATCH_SEEDS ?= [1,2,3,4,5]
 BATCH_SIZES ?= 2,4,8,16,32,64,128,256
 # batch_renorm_scaled: Ioffe 2017's schedule scaled to these short runs (configs/norm/).
 BATCH_NORMS ?= none,bn,batch_renorm_scaled,group_norm,layer_norm
-BATCH_SWEEP_DIR ?= logs/reproduce-batch-size
+BATCH_SWEEP_DIR ?= logs/reproduce-batch-size-mlp
 BATCH_RESULTS := results/batch_size
+# Issue 22: the batch-size study on a conv net (configs/experiment/batch_size_conv/), in two
+# designs: Wu & He's (SGD batch = normalisation batch, lr x B/32) and Ioffe 2017's (SGD batch
+# 32, BN / Batch Renorm over ghost batches), 5 epochs of 6,000 images, 3 seeds stacked per arm.
+CONV_BATCH_SEEDS ?= [1,2,3]
+CONV_BATCH_SIZES ?= 2,4,8,16,32
+CONV_BATCH_NORMS ?= none,bn,batch_renorm_scaled,group_norm,layer_norm
+CONV_GHOST_BATCHES ?= 2,4,8,16
+CONV_GHOST_NORMS ?= bn,batch_renorm_scaled
+# The base rate: BN at batch 32, one seed, each rate for the full 5 epochs (2x apart).
+CONV_BATCH_LRS ?= 0.0125,0.025,0.05,0.1,0.2,0.4,0.8,1.6,3.2
+CONV_BATCH_LR_SWEEP_DIR ?= logs/reproduce-batch-size-lr
+CONV_BATCH_SWEEP_DIR ?= logs/reproduce-batch-size
+CONV_BATCH_RESULTS := results/batch_size_conv
+CONV_BATCH_LR = $$($(PY) scripts/make_lr_search.py --winner $(CONV_BATCH_RESULTS)/lr_search.json)
 # The Figure 3 grid in miniature: every combination of the variant groups on the MNIST MLP.
 GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,inception
 
 .PHONY: help install lint format test test-full test-gpu $(addprefix reproduce-,$(EXPERIMENTS)) \
 	reproduce-fig2-small-lr \
-	reproduce-ics-lr reproduce-deep-linear \
+	reproduce-ics-lr reproduce-deep-linear reproduce-batch-size-lr reproduce-batch-size-ghost \
 	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
@@ -114,7 +128,7 @@ test-gpu: ## The GPU tests (marker gpu): every experiment on cuda, CPU parity, r
 # (the sweep directory), _RUNS (where its runs are collected), _FIGURE (the figure script and its
 # flags), _OUT (the results folder), _HELP. Idempotent: run again after an interruption,
 # finished runs are skipped, unfinished ones resume.
-EXPERIMENTS := mnist mnist-grid fashion fig2-small ics bn-stats batch-size
+EXPERIMENTS := mnist mnist-grid fashion fig2-small ics bn-stats batch-size batch-size-mlp
 
 mnist_HELP := Figure 1: baseline and BN x SEEDS x 50k steps, then results/mnist/figure1.*
 mnist_SWEEP := experiment=mnist/baseline,mnist/bn "seeds=$(SEEDS)" trainer.device=$(DEVICE)
@@ -169,13 +183,25 @@ bn-stats_RUNS := $(BN_STATS_RESULTS)/runs
 bn-stats_FIGURE := make_bn_stats_figure.py
 bn-stats_OUT := $(BN_STATS_RESULTS)
 
-batch-size_HELP := Test error vs batch size 2..256 for each norm (GroupNorm's Fig. 1), results/batch_size/
-batch-size_SWEEP := experiment=batch_size/grid data.batch_size=$(BATCH_SIZES) norm=$(BATCH_NORMS) \
+batch-size_HELP := Normalisation vs batch size on a conv net, Wu & He's and Ioffe's designs, results/batch_size_conv/
+# `=`: the base rate is read from the search when the sweep starts. Wu & He's design here; the
+# ghost-batch design runs first (reproduce-batch-size-ghost) into the same sweep directory.
+# The smallest batches (the longest jobs) first: data.batch_size varies slowest.
+batch-size_SWEEP = experiment=batch_size_conv/wu_he data.batch_size=$(CONV_BATCH_SIZES) \
+	norm=$(CONV_BATCH_NORMS) "seeds=$(CONV_BATCH_SEEDS)" optim.base_lr=$(CONV_BATCH_LR)
+batch-size_BEFORE := reproduce-batch-size-ghost
+batch-size_DIR := $(CONV_BATCH_SWEEP_DIR)
+batch-size_RUNS := $(CONV_BATCH_RESULTS)/runs
+batch-size_FIGURE := make_batch_size_conv_figure.py
+batch-size_OUT := $(CONV_BATCH_RESULTS)
+
+batch-size-mlp_HELP := Issue 13's batch-size grid on the MNIST MLP (batch 2..256, 1 epoch), results/batch_size/
+batch-size-mlp_SWEEP := experiment=batch_size/grid data.batch_size=$(BATCH_SIZES) norm=$(BATCH_NORMS) \
 	"seeds=$(BATCH_SEEDS)"
-batch-size_DIR := $(BATCH_SWEEP_DIR)
-batch-size_RUNS := $(BATCH_RESULTS)/runs
-batch-size_FIGURE := make_batch_size_figure.py
-batch-size_OUT := $(BATCH_RESULTS)
+batch-size-mlp_DIR := $(BATCH_SWEEP_DIR)
+batch-size-mlp_RUNS := $(BATCH_RESULTS)/runs
+batch-size-mlp_FIGURE := make_batch_size_figure.py
+batch-size-mlp_OUT := $(BATCH_RESULTS)
 
 # $(1): an experiment of EXPERIMENTS.
 define REPRODUCE
@@ -193,6 +219,23 @@ reproduce-fig2-small-lr: install ## The base learning rate for fig2-small: Incep
 		hydra.sweep.dir=$(FIG2_LR_SWEEP_DIR) $(ARGS)
 	$(PY) scripts/collect_runs.py $(FIG2_LR_SWEEP_DIR) $(FIG2_RESULTS)/lr_search_runs
 	$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS)
+
+CONV_BATCH_LR_FLAGS := --network "conv net with BN at batch 32" \
+	--command "make reproduce-batch-size" --experiment batch_size_conv/lr_search \
+	--paper "Wu & He tune the rate for BN at 32 images per GPU and scale it linearly with the batch."
+
+reproduce-batch-size-lr: install ## The base rate of the conv batch-size study: BN at batch 32 at each of CONV_BATCH_LRS
+	$(PY) -m bnrepro.train --multirun experiment=batch_size_conv/lr_search optim.base_lr=$(CONV_BATCH_LRS) \
+		hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=$(CONV_BATCH_LR_SWEEP_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(CONV_BATCH_LR_SWEEP_DIR) $(CONV_BATCH_RESULTS)/lr_search_runs
+	$(PY) scripts/make_lr_search.py --runs $(CONV_BATCH_RESULTS)/lr_search_runs --out $(CONV_BATCH_RESULTS) $(CONV_BATCH_LR_FLAGS)
+
+reproduce-batch-size-ghost: install reproduce-batch-size-lr ## Ioffe 2017's design: SGD batch 32, BN and Batch Renorm over ghost batches of CONV_GHOST_BATCHES
+	$(PY) -m bnrepro.train --multirun experiment=batch_size_conv/ghost norm=$(CONV_GHOST_NORMS) \
+		+model.bn.ghost_batch=$(CONV_GHOST_BATCHES) "seeds=$(CONV_BATCH_SEEDS)" \
+		optim.base_lr=$(CONV_BATCH_LR) hydra/launcher=joblib hydra.launcher.n_jobs=$(JOBS) \
+		hydra.sweep.dir=$(CONV_BATCH_SWEEP_DIR) $(ARGS)
 
 ICS_LR_FLAGS := --network "MLP without BN (Section 4.1)" --command "make reproduce-ics" \
 	--experiment ics/lr_search \
@@ -214,6 +257,8 @@ report: install ## results/REPORT.md: every claim of the paper, ours with a 95 %
 figures: install ## Rebuild every figure in results/ from the run logs stored there
 	@set -e; if [ -d $(FIG2_RESULTS)/lr_search_runs ]; then \
 		$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS); fi
+	@set -e; if [ -d $(CONV_BATCH_RESULTS)/lr_search_runs ]; then \
+		$(PY) scripts/make_lr_search.py --runs $(CONV_BATCH_RESULTS)/lr_search_runs --out $(CONV_BATCH_RESULTS) $(CONV_BATCH_LR_FLAGS); fi
 	@set -e; if [ -d $(ICS_RESULTS)/lr_search_runs ]; then \
 		$(PY) scripts/make_lr_search.py --runs $(ICS_RESULTS)/lr_search_runs --out $(ICS_RESULTS) $(ICS_LR_FLAGS); fi
 	@set -e; $(foreach e,$(EXPERIMENTS),\

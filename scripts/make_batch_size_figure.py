@@ -2,10 +2,11 @@
 
     python scripts/make_batch_size_figure.py --runs results/batch_size/runs --out results/batch_size
 
-Reads the runs of `make reproduce-batch-size` (experiment=batch_size/grid: one arm per norm and
-batch size, several seeds each) and writes batch_size.png (final test error, mean over seeds
-with its 95 % interval, against the batch size on a log axis) and batch_size.json (every
-seed's number, the means and intervals, the devices and the jobs' wall time).
+Reads the runs of `make reproduce-batch-size-mlp` (issue 13's study, experiment=batch_size/grid:
+one arm per norm and batch size, several seeds each) and writes batch_size.png (final test
+error, mean over seeds with its 95 % interval, against the batch size on a log axis) and
+batch_size.json (every seed's number, the means and intervals, the devices and the jobs' wall
+time).
 """
 
 from __future__ import annotations
@@ -18,25 +19,13 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 from omegaconf import OmegaConf
 
+from bnrepro.analysis.plots import NORM_COLORS as COLORS
+from bnrepro.analysis.plots import NORM_LABELS as LABELS
 from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import RunRecord, figure_command
 from bnrepro.analysis.stats import seed_summary
 
-COMMAND = "make reproduce-batch-size"
-LABELS = {
-    "none": "no normalisation",
-    "bn": "BN",
-    "batch_renorm": "Batch Renorm",
-    "group_norm": "GroupNorm",
-    "layer_norm": "LayerNorm",
-}
-COLORS = {
-    "none": "tab:gray",
-    "bn": "tab:red",
-    "batch_renorm": "tab:orange",
-    "group_norm": "tab:blue",
-    "layer_norm": "tab:green",
-}
+COMMAND = "make reproduce-batch-size-mlp"
 
 
 def run_config(run: RunRecord) -> dict:

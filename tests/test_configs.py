@@ -190,7 +190,10 @@ def test_a_misspelt_or_missing_key_is_one_line(compose_cfg):
 
 
 TAGS = "mnist or fashion_mnist or imagenet"
-TARGETS = "bnrepro.models.mlp.MLP or bnrepro.models.inception.BNInception"
+TARGETS = (
+    "bnrepro.models.mlp.MLP or bnrepro.models.inception.BNInception or "
+    "bnrepro.models.convnet.ConvNet"
+)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,21 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
 PERCENTILE_STYLES = {"p15": ":", "p50": "-", "p85": "--"}
+# Each model.norm's name and colour in the batch-size figures.
+NORM_LABELS = {
+    "none": "no normalisation",
+    "bn": "BN",
+    "batch_renorm": "Batch Renorm",
+    "group_norm": "GroupNorm",
+    "layer_norm": "LayerNorm",
+}
+NORM_COLORS = {
+    "none": "tab:gray",
+    "bn": "tab:red",
+    "batch_renorm": "tab:orange",
+    "group_norm": "tab:blue",
+    "layer_norm": "tab:green",
+}
 
 
 def plot_accuracy_band(

@@ -182,8 +182,9 @@ class BNSettings(_Section):
     momentum: StrictFloat  # torch's EMA momentum (ema; population trains with it, then drops it)
     eps: PositiveFloat
     population_batches: PositiveInt  # K of Algorithm 2
-    # Examples per ghost batch: in training, BN normalises each consecutive group of this many
-    # examples on its own (Hoffer et al. 2017; Ioffe 2017, Section 4.2). Not in any config of
+    # Examples per ghost batch: in training, BN (and Batch Renorm, norm=batch_renorm) normalises
+    # each consecutive group of this many examples on its own (Hoffer et al. 2017; Ioffe 2017,
+    # Section 4.2). Not in any config of
     # configs/model or configs/norm: absent means the whole batch, and an absent key leaves
     # every run's hash as it was; experiments add it (+model.bn.ghost_batch=4).
     ghost_batch: Annotated[StrictInt, Field(ge=2), expect("null or an integer >= 2")] | None = None
@@ -223,7 +224,7 @@ class NoiseSettings(_Section):
     shift_spread: NonNegativeFloat
 
 
-def _check_norm_settings(model: MLPConfig | InceptionConfig) -> None:
+def _check_norm_settings(model: MLPConfig | InceptionConfig | ConvNetConfig) -> None:
     """ConfigError unless the model config has the settings section its norm needs (NORMS)."""
     section = NORMS[model.norm].section
     if section is not None and getattr(model, section) is None:
@@ -294,6 +295,36 @@ class InceptionConfig(_Section):
         return max(1, round(64 * self.width_mult))  # conv1's maps, the narrowest probed stage
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConvNetConfig(_Section):
+    """model=convnet: the small conv net of the batch-size study (models/convnet.py)."""
+
+    target: Annotated[Literal["bnrepro.models.convnet.ConvNet"], Field(alias="_target_")]
+    num_classes: AtLeastTwo
+    norm: Norm
+    activation: Activation
+    dropout: Fraction
+    in_channels: PositiveInt
+    widths: Annotated[list[PositiveInt], Field(min_length=1), expect("a list of positive ints")]
+    strides: Annotated[list[PositiveInt], Field(min_length=1), expect("a list of positive ints")]
+    bn: BNSettings
+    renorm: RenormSettings | None = None
+    group_norm: GroupNormSettings | None = None
+    noise: NoiseSettings | None = None
+
+    def __post_init__(self) -> None:
+        _check_norm_settings(self)
+        if len(self.widths) != len(self.strides):
+            raise ConfigError(
+                f"model.widths has {len(self.widths)} layers but model.strides "
+                f"{len(self.strides)}: give one stride per layer"
+            )
+
+    @property
+    def narrowest(self) -> int:
+        return min(self.widths)
+
+
 def _in_table_order(modules: list[str]) -> bool:
     order = [_MODULES.index(m) for m in modules]
     return order == sorted(set(order))
@@ -320,6 +351,10 @@ class MNISTData(_Section):
     # Training accuracy (trainset/acc) on the first this-many training images at every
     # evaluation, in inference mode, as Santurkar et al.'s Figure 2 plots it; 0: none.
     train_eval_size: NonNegativeInt = 0
+    # Train on this many of the training images left after the validation split (class-
+    # balanced, fixed by val_seed like the split; data/mnist.validation_split); 0: all of them.
+    # The batch-size study's conv net uses 10,000 to train 5 epochs of every arm on a CPU.
+    train_size: NonNegativeInt = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -474,7 +509,7 @@ class RunConfig(_Section):
     resume: Annotated[StrictStr, Field(min_length=1), expect("auto, never or a checkpoint path")]
     # Sections told apart by their tag: data.name, model._target_.
     data: Annotated[MNISTData | ImageNetData, Field(discriminator="name")]
-    model: Annotated[MLPConfig | InceptionConfig, Field(discriminator="target")]
+    model: Annotated[MLPConfig | InceptionConfig | ConvNetConfig, Field(discriminator="target")]
     optim: OptimConfig
     trainer: TrainerConfig
     recipe: RecipeConfig
@@ -527,16 +562,17 @@ class RunConfig(_Section):
 
 def _check_ghost_batch(run: RunConfig) -> None:
     """ConfigError unless model.bn.ghost_batch (if set) can split each training batch: BN's
-    norms only, a divisor of data.batch_size (each process's batch, and each stacked
-    member's), and no SyncBatchNorm, whose conversion would replace the ghost-batch layers."""
+    norms and Batch Renorm only, a divisor of data.batch_size (each process's batch, and each
+    stacked member's), and no SyncBatchNorm, whose conversion would replace the ghost-batch
+    layers."""
     ghost = run.model.bn.ghost_batch
     if ghost is None:
         return
     key = f"model.bn.ghost_batch={ghost}"
-    if not is_bn(run.model.norm):
+    if not (is_bn(run.model.norm) or run.model.norm == "batch_renorm"):
         raise ConfigError(
             f"{key} splits BN's batches, but model.norm={run.model.norm} is not BN "
-            f"(bn, noisy_bn); drop it"
+            f"(bn, noisy_bn) or batch_renorm; drop it"
         )
     if run.data.batch_size % ghost:
         raise ConfigError(

@@ -45,6 +45,7 @@ class BatchRenorm(nn.Module):
         d_max_steps: int = 25000,
         momentum: float = 0.01,
         eps: float = 1e-5,
+        ghost_batch: int | None = None,
     ) -> None:
         super().__init__()
         if num_features < 1:
@@ -57,6 +58,9 @@ class BatchRenorm(nn.Module):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         if eps <= 0.0:
             raise ValueError(f"eps must be positive, got {eps}")
+        if ghost_batch is not None and ghost_batch < 2:
+            raise ValueError(f"ghost_batch must be None or >= 2, got {ghost_batch}")
+        self.ghost_batch = ghost_batch
         self.num_features = num_features
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps = warmup_steps
@@ -120,8 +124,16 @@ class BatchRenorm(nn.Module):
                 f"expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
-        dims = [0, *range(2, x.dim())]
-        var_b, mu_b = torch.var_mean(x, dim=dims, correction=0)  # Algorithm 1: biased variance
+        # (groups, examples per group, C, *): the whole batch is one group without ghosts.
+        g = x.shape[0] if self.ghost_batch is None else self.ghost_batch
+        if x.shape[0] % g:
+            raise ValueError(
+                f"a batch of {x.shape[0]} examples does not split into ghost batches of {g}"
+            )
+        grouped = x.reshape(x.shape[0] // g, g, *x.shape[1:])
+        group_shape = (grouped.shape[0], 1, -1) + (1,) * (x.dim() - 2)
+        dims = [1, *range(3, grouped.dim())]
+        var_b, mu_b = torch.var_mean(grouped, dim=dims, correction=0)  # Alg. 1: biased, (G, C)
         sigma_b = torch.sqrt(var_b + self.eps)
 
         # The limits of this step come from the batches seen before it (the count is bumped
@@ -133,12 +145,15 @@ class BatchRenorm(nn.Module):
             r = (sigma_b / self.running_std).clamp(1.0 / r_max_t, r_max_t)
             d = ((mu_b - self.running_mean) / self.running_std).clamp(-d_max_t, d_max_t)
 
-        x_hat = (x - per_channel(mu_b)) / per_channel(sigma_b) * per_channel(r) + per_channel(d)
-        y = per_channel(self.weight) * x_hat + per_channel(self.bias)
+        def per_group(v: Tensor) -> Tensor:
+            return v.view(group_shape)
+
+        x_hat = (grouped - per_group(mu_b)) / per_group(sigma_b) * per_group(r) + per_group(d)
+        y = per_channel(self.weight) * x_hat.view_as(x) + per_channel(self.bias)
 
         with torch.no_grad():
             # The paper averages sigma_B itself, not the variance (inference divides by it).
-            mu_b, sigma_b = mu_b.detach(), sigma_b.detach()
+            mu_b, sigma_b = mu_b.detach().mean(dim=0), sigma_b.detach().mean(dim=0)
             self.running_mean.add_(self.momentum * (mu_b - self.running_mean))
             self.running_std.add_(self.momentum * (sigma_b - self.running_std))
             self.num_batches_tracked.add_(1)
@@ -148,7 +163,8 @@ class BatchRenorm(nn.Module):
         return (
             f"{self.num_features}, r_max={self.r_max}, d_max={self.d_max}, "
             f"warmup_steps={self.warmup_steps}, r_max_steps={self.r_max_steps}, "
-            f"d_max_steps={self.d_max_steps}, momentum={self.momentum}, eps={self.eps}"
+            f"d_max_steps={self.d_max_steps}, momentum={self.momentum}, eps={self.eps}, "
+            f"ghost_batch={self.ghost_batch}"
         )
 
 
@@ -165,7 +181,11 @@ class StackedBatchRenorm(BatchRenorm):
         self.members, self.features = members, features
 
     def forward(self, h: Tensor) -> Tensor:
-        return super().forward(h.reshape(1, -1, h.shape[-1])).view_as(h)
+        if self.ghost_batch is None or not self.training:
+            return super().forward(h.reshape(1, -1, h.shape[-1])).view_as(h)
+        # Ghost batches split the examples: (B, M*F) rows, grouped along B.
+        rows = h.permute(2, 0, 1).reshape(h.shape[-1], -1)
+        return super().forward(rows).view(h.shape[-1], *h.shape[:2]).permute(1, 2, 0)
 
     def extra_repr(self) -> str:
         return f"members={self.members}, features={self.features}, " + super().extra_repr()

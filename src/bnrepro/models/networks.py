@@ -14,21 +14,27 @@ from typing import Any
 
 from torch import nn
 
-from bnrepro.config.schema import NORMS, InceptionConfig, MLPConfig
+from bnrepro.config.schema import NORMS, ConvNetConfig, InceptionConfig, MLPConfig
+from bnrepro.models.convnet import ConvNet, StackedConvNet
 from bnrepro.models.inception import BNInception
 from bnrepro.models.mlp import MLP
 from bnrepro.models.norms import Normalization
 from bnrepro.models.stacked_inception import StackedBNInception
 from bnrepro.models.stacked_mlp import StackedMLP
 
-ModelConfig = MLPConfig | InceptionConfig
+ModelConfig = MLPConfig | InceptionConfig | ConvNetConfig
 
-NETWORKS: dict[type, type[nn.Module]] = {MLPConfig: MLP, InceptionConfig: BNInception}
+NETWORKS: dict[type, type[nn.Module]] = {
+    MLPConfig: MLP,
+    InceptionConfig: BNInception,
+    ConvNetConfig: ConvNet,
+}
 # Seeds trained side by side in one module (seeds=[...]; the schema allows it on the in-memory
 # datasets, whose task serves stacked batches).
 STACKED: dict[type, type[nn.Module]] = {
     MLPConfig: StackedMLP,
     InceptionConfig: StackedBNInception,
+    ConvNetConfig: StackedConvNet,
 }
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnrepro.config.schema import NORMS, InceptionConfig, MLPConfig, NoiseSettings
+from bnrepro.config.schema import NORMS, ConvNetConfig, InceptionConfig, MLPConfig, NoiseSettings
 from bnrepro.errors import ConfigError
 from bnrepro.models.batch_renorm import BatchRenorm, StackedBatchRenorm
 from bnrepro.models.batchnorm import BNStats
@@ -158,9 +158,11 @@ class Normalization:
     kind: str
     settings: Any = None
     bn: BNStats | None = None
+    # Batch Renorm's ghost batches (model.bn.ghost_batch, which BN's own layers read from `bn`).
+    ghost_batch: int | None = None
 
     @classmethod
-    def from_model(cls, model: MLPConfig | InceptionConfig) -> Normalization:
+    def from_model(cls, model: MLPConfig | InceptionConfig | ConvNetConfig) -> Normalization:
         """The normalisation of a checked model config (RunConfig.model): the one place a
         run's model.bn becomes its BNStats."""
         kind = NORMS[model.norm]
@@ -168,6 +170,7 @@ class Normalization:
             kind=model.norm,
             settings=None if kind.section is None else getattr(model, kind.section),
             bn=BNStats.from_config(model.bn) if kind.is_bn else None,
+            ghost_batch=model.bn.ghost_batch if model.norm == "batch_renorm" else None,
         )
 
     @property
@@ -260,11 +263,12 @@ def _stacked_noise(norm: Normalization, members: int, features: int) -> dict[str
 
 
 def _batch_renorm(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:
-    return {"norm": BatchRenorm(features, **vars(norm.settings))}
+    return {"norm": BatchRenorm(features, ghost_batch=norm.ghost_batch, **vars(norm.settings))}
 
 
 def _stacked_batch_renorm(norm: Normalization, members: int, features: int) -> dict[str, nn.Module]:
-    return {"norm": StackedBatchRenorm(members, features, **vars(norm.settings))}
+    settings = vars(norm.settings)
+    return {"norm": StackedBatchRenorm(members, features, ghost_batch=norm.ghost_batch, **settings)}
 
 
 def _group_norm(norm: Normalization, features: int, dims: int) -> dict[str, nn.Module]:

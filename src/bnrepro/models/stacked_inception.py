@@ -58,7 +58,76 @@ class StackedClassifier(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), per_member, self.weight.transpose(1, 2))
 
 
-class StackedBNInception(nn.Module):
+class MemberStack(nn.Module):
+    """What a stack of conv nets on (B, M*C, H, W) activations shares (StackedBNInception,
+    models/convnet.StackedConvNet): member m's maps in channel block m, its classifier row m.
+    Subclasses set `members`, `memory_format`, `normalization`, `activation` and `dropout`
+    as their plain network does."""
+
+    members: int
+    memory_format: torch.memory_format
+
+    @torch.no_grad()
+    def load_member(self, i: int, network: nn.Module) -> None:
+        """Copy one plain network's parameters and buffers into member i
+        (`member_state_dict` says where each goes).
+
+        The network must have been built from the same arguments: its module names, norm,
+        activation, dropout and every tensor's shape are checked (ValueError).
+        """
+        mismatch = ValueError(
+            f"member {i}: the {type(network).__name__} was built with other arguments than "
+            f"the stack"
+        )
+        if (
+            network.normalization != self.normalization
+            or network.activation != self.activation
+            or _module_names(network) != _module_names(self)
+            or getattr(network.dropout, "p", 0.0) != getattr(self.dropout, "p", 0.0)
+        ):
+            raise mismatch
+        plain, member = network.state_dict(), self.member_state_dict(i)
+        if plain.keys() != member.keys():
+            raise mismatch
+        if any(plain[name].shape != target.shape for name, target in member.items()):
+            raise mismatch  # copy_ would broadcast some of these
+        for name, target in member.items():
+            target.copy_(plain[name])
+
+    def member_state_dict(self, i: int) -> dict[str, Tensor]:
+        """Member i's parameters and buffers under the plain network's names, as views into the
+        stack (a plain network built from the same arguments loads them as its own).
+
+        Member i's part of a convolution's or norm's tensor is its block i along dim 0
+        (channels i*C .. (i+1)*C - 1), of the classifier's its row i; counters (BN's batches
+        tracked, the same for every member) are shared.
+        """
+        views = {}
+        for name, tensor in self.state_dict().items():
+            if name.startswith("classifier."):
+                views[name] = tensor[i]
+            elif tensor.dim() == 0:
+                views[name] = tensor
+            else:
+                views[name] = tensor.chunk(self.members)[i]
+        return views
+
+    def member_channels(self, x: Tensor) -> Tensor:
+        """(M, B, C, H, W) -> (B, M*C, H, W), member m's images in channel block m, in the
+        network's memory format; a (B, C, H, W) batch for every member is repeated into each
+        block."""
+        if x.dim() == 4:
+            return x.repeat(1, self.members, 1, 1).contiguous(memory_format=self.memory_format)
+        members, batch, channels, height, width = x.shape
+        # One copy each, by contiguous() and not reshape: with C = 1, reshape would merge the
+        # member dim into a strided view, which every op after would read in the slow layout.
+        if self.memory_format == torch.channels_last:
+            nhwc = x.permute(1, 3, 4, 0, 2).contiguous()  # (B, H, W, M, C)
+            return nhwc.view(batch, height, width, members * channels).permute(0, 3, 1, 2)
+        return x.transpose(0, 1).contiguous().view(batch, members * channels, height, width)
+
+
+class StackedBNInception(MemberStack):
     """`members` BN-Inceptions of identical shape, built from BNInception's own arguments.
 
     A fresh StackedBNInception draws each member's weights as BNInception would (He-normal
@@ -136,68 +205,10 @@ class StackedBNInception(nn.Module):
             stacked.load_member(i, network)
         return stacked
 
-    @torch.no_grad()
-    def load_member(self, i: int, network: BNInception) -> None:
-        """Copy one plain BNInception's parameters and buffers into member i
-        (`member_state_dict` says where each goes).
-
-        The network must have been built from the same arguments: its module names, norm,
-        activation, dropout and every tensor's shape are checked (ValueError).
-        """
-        mismatch = ValueError(
-            f"member {i}: the BNInception was built with other arguments than the stack"
-        )
-        if (
-            network.normalization != self.normalization
-            or network.activation != self.activation
-            or _module_names(network) != _module_names(self)
-            or getattr(network.dropout, "p", 0.0) != getattr(self.dropout, "p", 0.0)
-        ):
-            raise mismatch
-        plain, member = network.state_dict(), self.member_state_dict(i)
-        if plain.keys() != member.keys():
-            raise mismatch
-        if any(plain[name].shape != target.shape for name, target in member.items()):
-            raise mismatch  # copy_ would broadcast some of these
-        for name, target in member.items():
-            target.copy_(plain[name])
-
-    def member_state_dict(self, i: int) -> dict[str, Tensor]:
-        """Member i's parameters and buffers under BNInception's names, as views into the
-        stack (a plain BNInception built from the same arguments loads them as its own).
-
-        Member i's part of a convolution's or norm's tensor is its block i along dim 0
-        (channels i*C .. (i+1)*C - 1), of the classifier's its row i; counters (BN's batches
-        tracked, the same for every member) are shared.
-        """
-        views = {}
-        for name, tensor in self.state_dict().items():
-            if name.startswith("classifier."):
-                views[name] = tensor[i]
-            elif tensor.dim() == 0:
-                views[name] = tensor
-            else:
-                views[name] = tensor.chunk(self.members)[i]
-        return views
-
     def nonlinearities(self) -> dict[str, nn.Module]:
         """BNInception's five probed activation modules, by stage name; their inputs are
         (B, M*C, H, W), member m's maps in channel block m (measures/probes.unit_values)."""
         return probed_activations(self.stages)
-
-    def member_channels(self, x: Tensor) -> Tensor:
-        """(M, B, C, H, W) -> (B, M*C, H, W), member m's images in channel block m, in the
-        network's memory format; a (B, C, H, W) batch for every member is repeated into each
-        block."""
-        if x.dim() == 4:
-            return x.repeat(1, self.members, 1, 1).contiguous(memory_format=self.memory_format)
-        members, batch, channels, height, width = x.shape
-        # One copy each, by contiguous() and not reshape: with C = 1, reshape would merge the
-        # member dim into a strided view, which every op after would read in the slow layout.
-        if self.memory_format == torch.channels_last:
-            nhwc = x.permute(1, 3, 4, 0, 2).contiguous()  # (B, H, W, M, C)
-            return nhwc.view(batch, height, width, members * channels).permute(0, 3, 1, 2)
-        return x.transpose(0, 1).contiguous().view(batch, members * channels, height, width)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.member_channels(x)

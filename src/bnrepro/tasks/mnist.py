@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnrepro.config.schema import InceptionConfig, RunConfig
+from bnrepro.config.schema import MLPConfig, RunConfig
 from bnrepro.data.batches import shuffled_batches, stacked_batches
 from bnrepro.data.mnist import indices_digest, load_mnist, validation_split
+from bnrepro.errors import DataError
 from bnrepro.infra.distributed import DistEnv
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks.task import (
@@ -43,8 +44,8 @@ def build_mnist_task(
     )
     device = placement.device
     # The MLP takes flat 784-vectors; a convolutional network (BN-Inception scaled down,
-    # experiment/fig2_small) takes 1x28x28 images.
-    shape = (1, 28, 28) if isinstance(cfg.model, InceptionConfig) else (784,)
+    # experiment/fig2_small; the conv net of experiment/batch_size_conv) takes 1x28x28 images.
+    shape = (784,) if isinstance(cfg.model, MLPConfig) else (1, 28, 28)
     train_x, train_y = data.train_x, data.train_y
     split = None
     if cfg.data.val_size:
@@ -53,6 +54,14 @@ def build_mnist_task(
         val_x, val_y = val_x.view(-1, *shape).to(device), train_y[held].to(device)
         train_x, train_y = train_x[kept], train_y[kept]
         split = {"size": len(held), "seed": cfg.data.val_seed, "digest": indices_digest(held)}
+    if cfg.data.train_size:
+        if cfg.data.train_size >= train_x.shape[0]:
+            raise DataError(
+                f"data.train_size={cfg.data.train_size} is not below the {train_x.shape[0]} "
+                f"training images left; use a smaller number or 0 (all of them)"
+            )
+        _, subset = validation_split(train_y, cfg.data.train_size, cfg.data.val_seed)
+        train_x, train_y = train_x[subset], train_y[subset]
     check_batch_size(cfg, train_x.shape[0])  # every rank draws from the whole set
     train_x, train_y = train_x.view(-1, *shape).to(device), train_y.to(device)
     test_x, test_y = data.test_x.view(-1, *shape).to(device), data.test_y.to(device)
