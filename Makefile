@@ -57,6 +57,11 @@ BN_STATS_SEEDS ?= [1,2,3,4,5]
 BN_STATS_BATCH_SIZES ?= 8,16,32,60,150,600
 BN_STATS_SWEEP_DIR ?= logs/reproduce-bn-stats
 BN_STATS_RESULTS := results/bn_stats
+# Issue 22: the same comparison where Wu & Johnson see the EMA fail: the scaled BN-Inception at
+# batch 2048, linear lr scaling with warm-up (configs/experiment/bn_stats_large/), 3 seeds.
+BN_STATS_LARGE_SEEDS ?= [1,2,3]
+BN_STATS_LARGE_DIR ?= logs/reproduce-bn-stats-large
+BN_STATS_LARGE_RESULTS := $(BN_STATS_RESULTS)/large
 BATCH_SEEDS ?= [1,2,3,4,5]
 BATCH_SIZES ?= 2,4,8,16,32,64,128,256
 # batch_renorm_scaled: Ioffe 2017's schedule scaled to these short runs (configs/norm/).
@@ -83,6 +88,7 @@ GRID := norm=none,bn lr_mult=x1,x5,x30 activation=sigmoid,relu dropout=none,ince
 .PHONY: help install lint format test test-full test-gpu $(addprefix reproduce-,$(EXPERIMENTS)) \
 	reproduce-fig2-small-lr \
 	reproduce-ics-lr reproduce-deep-linear reproduce-batch-size-lr reproduce-batch-size-ghost \
+	reproduce-bn-stats-large \
 	report figures bench bench-imagenet bench-gpu clean
 
 help: ## Show this help
@@ -175,9 +181,10 @@ ics_FIGURE := make_ics_figure.py
 ics_OUT := $(ICS_RESULTS)
 
 # The largest jobs (the smallest batches) first: data.batch_size varies slowest in the sweep.
-bn-stats_HELP := BN's inference statistics (EMA, cumulative, Alg. 2, precise) by batch size, results/bn_stats/
+bn-stats_HELP := BN's inference statistics (EMA, cumulative, Alg. 2, precise): MLP by batch size, BN-Inception at 2048, results/bn_stats/
 bn-stats_SWEEP := experiment=bn_stats/bn data.batch_size=$(BN_STATS_BATCH_SIZES) \
 	"seeds=$(BN_STATS_SEEDS)"
+bn-stats_BEFORE := reproduce-bn-stats-large
 bn-stats_DIR := $(BN_STATS_SWEEP_DIR)
 bn-stats_RUNS := $(BN_STATS_RESULTS)/runs
 bn-stats_FIGURE := make_bn_stats_figure.py
@@ -220,6 +227,12 @@ reproduce-fig2-small-lr: install ## The base learning rate for fig2-small: Incep
 	$(PY) scripts/collect_runs.py $(FIG2_LR_SWEEP_DIR) $(FIG2_RESULTS)/lr_search_runs
 	$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS)
 
+reproduce-bn-stats-large: install ## BN's statistics on the scaled BN-Inception at batch 2048 (lr x64, warm-up), results/bn_stats/large/
+	$(PY) -m bnrepro.train --multirun experiment=bn_stats_large/bn "seeds=$(BN_STATS_LARGE_SEEDS)" \
+		hydra.sweep.dir=$(BN_STATS_LARGE_DIR) $(ARGS)
+	$(PY) scripts/collect_runs.py $(BN_STATS_LARGE_DIR) $(BN_STATS_LARGE_RESULTS)/runs
+	$(PY) scripts/make_bn_stats_large_figure.py --runs $(BN_STATS_LARGE_RESULTS)/runs --out $(BN_STATS_LARGE_RESULTS)
+
 CONV_BATCH_LR_FLAGS := --network "conv net with BN at batch 32" \
 	--command "make reproduce-batch-size" --experiment batch_size_conv/lr_search \
 	--paper "Wu & He tune the rate for BN at 32 images per GPU and scale it linearly with the batch."
@@ -257,6 +270,8 @@ report: install ## results/REPORT.md: every claim of the paper, ours with a 95 %
 figures: install ## Rebuild every figure in results/ from the run logs stored there
 	@set -e; if [ -d $(FIG2_RESULTS)/lr_search_runs ]; then \
 		$(PY) scripts/make_lr_search.py --runs $(FIG2_RESULTS)/lr_search_runs --out $(FIG2_RESULTS); fi
+	@set -e; if [ -d $(BN_STATS_LARGE_RESULTS)/runs ]; then \
+		$(PY) scripts/make_bn_stats_large_figure.py --runs $(BN_STATS_LARGE_RESULTS)/runs --out $(BN_STATS_LARGE_RESULTS); fi
 	@set -e; if [ -d $(CONV_BATCH_RESULTS)/lr_search_runs ]; then \
 		$(PY) scripts/make_lr_search.py --runs $(CONV_BATCH_RESULTS)/lr_search_runs --out $(CONV_BATCH_RESULTS) $(CONV_BATCH_LR_FLAGS); fi
 	@set -e; if [ -d $(ICS_RESULTS)/lr_search_runs ]; then \

@@ -15,8 +15,9 @@ batch_size_conv.png and batch_size_conv.json:
   LayerNorm, which use no batch statistics, are drawn at batch 32 as references.
 
 The number is the final test error (the test set is read once, at the end; evaluations during
-training read 5,000 held-out training images), every seed's, with the mean and its 95 %
-t interval over the seeds.
+training read 5,000 held-out training images), every seed's (the dots), with the mean and its
+95 % t interval over the seeds (drawn within the axis: a seed that ended at chance makes it
+wide).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ DESIGNS = {
     "batch_size_conv/ghost": "ghost",
 }
 REFERENCE_BATCH = 32  # the SGD batch of the ghost design, and Wu & He's images per GPU
+FLOOR = 10.0  # the error axis starts here (log scale): intervals below it are drawn to it
 
 
 def collect(runs: list[RunRecord]) -> dict:
@@ -51,16 +53,15 @@ def collect(runs: list[RunRecord]) -> dict:
         if design is None:
             continue
         cfg = run.config()
-        norm, batch = summary["variant"]["norm"], cfg.data.batch_size
+        norm, batch = summary["variant"]["norm"], summary["settings"]["batch_size"]
         group = cfg.model.bn.get("ghost_batch") or batch  # None: the whole batch
         acc = summary["final_test_acc"] if summary["status"] == "completed" else None
         errors[design][norm][group].append(100.0 - acc if acc is not None else 100.0)
         seeds[design][norm][group].append(run.seed)
         devices.add(summary["device"])
         seconds[(design, run.arm)] = summary["wall_seconds"]  # a stacked job's seeds share it
-        settings.add(
-            (cfg.epochs, cfg.data.train_size, round(cfg.optim.lr * REFERENCE_BATCH / batch, 6))
-        )
+        lr_at_reference = round(summary["settings"]["lr"] * REFERENCE_BATCH / batch, 6)
+        settings.add((cfg.epochs, cfg.data.train_size, lr_at_reference))
     tables = {}
     for design in DESIGNS.values():
         tables[design] = {
@@ -87,14 +88,16 @@ def collect(runs: list[RunRecord]) -> dict:
 
 
 def _panel(ax: Axes, rows_by_norm: dict, norms: list[str]) -> None:
-    for norm in norms:
+    """Each norm's mean error with its interval (clipped to the axis, whose scale is log) and
+    every seed's own error as a dot beside it."""
+    for k, norm in enumerate(norms):
         rows = rows_by_norm.get(norm, {})
         if not rows:
             continue
         sizes = [int(b) for b in rows]
         means = [rows[b]["mean"] for b in rows]
-        below = [rows[b]["mean"] - rows[b]["low"] for b in rows]
-        above = [rows[b]["high"] - rows[b]["mean"] for b in rows]
+        below = [rows[b]["mean"] - max(rows[b]["low"], FLOOR) for b in rows]
+        above = [min(rows[b]["high"], 100.0) - rows[b]["mean"] for b in rows]
         ax.errorbar(
             sizes,
             means,
@@ -105,10 +108,20 @@ def _panel(ax: Axes, rows_by_norm: dict, norms: list[str]) -> None:
             ms=4,
             capsize=3,
         )
+        shift = 2 ** ((k - (len(norms) - 1) / 2) * 0.04)  # dots side by side, not on top
+        for b in rows:
+            values = rows[b]["values"]
+            ax.scatter(
+                [int(b) * shift] * len(values), values, color=NORM_COLORS[norm], s=6, alpha=0.5
+            )
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ticks = sorted({int(b) for rows in rows_by_norm.values() for b in rows})
     ax.set_xticks(ticks, [str(t) for t in ticks])
+    yticks = [10, 12, 15, 20, 30, 50, 100]
+    ax.set_yticks(yticks, [str(t) for t in yticks])
     ax.minorticks_off()
+    ax.set_ylim(FLOOR, 100)
     ax.grid(True, alpha=0.3)
 
 
@@ -117,7 +130,7 @@ def plot(data: dict, path: Path) -> None:
     fig, (wu, ghost) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     _panel(wu, designs["wu_he"], list(NORM_LABELS))
     wu.set_xlabel("batch size = normalisation batch (lr x batch / 32)")
-    wu.set_ylabel("final test error, %")
+    wu.set_ylabel("final test error, % (log scale; dots: each seed)")
     wu.set_title("Wu & He's design: SGD batch = normalisation batch")
     wu.legend(title="mean, 95 % t interval over seeds", fontsize=8, title_fontsize=8)
 

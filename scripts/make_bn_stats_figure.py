@@ -20,26 +20,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from bnrepro.analysis.plots import ESTIMATE_COLORS as COLORS
+from bnrepro.analysis.plots import ESTIMATE_LABELS as LABELS
 from bnrepro.analysis.plots import save
 from bnrepro.analysis.runs import RunRecord, figure_command
 from bnrepro.analysis.stats import seed_summary
 
 COMMAND = "make reproduce-bn-stats"
 REFERENCE = "precise"
-LABELS = {
-    "ema_0.1": "EMA, momentum 0.1 (torch's default)",
-    "ema_0.01": "EMA, momentum 0.01",
-    "cumulative": "cumulative average",
-    "algorithm2": "Algorithm 2 (K batches)",
-    "precise": "precise BN (whole training set)",
-}
-COLORS = {
-    "ema_0.1": "tab:red",
-    "ema_0.01": "tab:orange",
-    "cumulative": "tab:green",
-    "algorithm2": "tab:blue",
-    "precise": "black",
-}
 PAPER_BATCH = 60  # Section 4.1
 
 

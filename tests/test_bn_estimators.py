@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 import torch
+from torch import nn
 
 from bnrepro.data.batches import shuffled_batches, stacked_batches
-from bnrepro.measures.bn_estimators import StatsEstimators, estimator_names
+from bnrepro.measures.bn_estimators import StatsEstimators, estimator_names, layer_errors
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.models.mlp import MLP
 from bnrepro.models.norms import Normalization
@@ -157,3 +161,28 @@ def test_stacked_estimates_are_each_members_own():
             torch.testing.assert_close(fm[i * f : (i + 1) * f], m, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(fv[i * f : (i + 1) * f], v, atol=1e-5, rtol=1e-4)
     assert precise[0][1].min().item() > 0
+
+
+def test_layer_errors_against_precise_statistics_per_member():
+    """|mu - mu_p| / sqrt(var_p + eps) and |log(sigma / sigma_p)| per layer, each member's
+    block of channels on its own (a stacked layer's M*C channels, member-major)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    estimators = StatsEstimators(model, [0.1], population_batches=1, layer_errors=True)
+    eps = 1e-5
+    precise = [(torch.randn(c), torch.rand(c) + 0.5) for c in (4, 2)]
+    # member 0: mean off by 0.5 sigma, sigma x2; member 1: exact.
+    shift = [torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.5, 0.0])]
+    scale = [torch.tensor([4.0, 4.0, 1.0, 1.0]), torch.tensor([4.0, 1.0])]
+    off = [
+        (m + s * (v + eps).sqrt(), k * (v + eps) - eps)
+        for (m, v), s, k in zip(precise, shift, scale, strict=True)
+    ]
+    records = layer_errors(estimators, {"ema_0.1": off, "precise": precise}, members=2)
+    assert records[0]["bn_stats/ema_0.1/mean_err/00"] == pytest.approx(0.5, rel=1e-5)
+    assert records[0]["bn_stats/ema_0.1/std_err/00"] == pytest.approx(math.log(2), rel=1e-5)
+    assert records[0]["bn_stats/ema_0.1/mean_err/01"] == pytest.approx(0.5, rel=1e-5)
+    assert records[1]["bn_stats/ema_0.1/mean_err/00"] == pytest.approx(0.0, abs=1e-6)
+    assert records[1]["bn_stats/ema_0.1/std_err/01"] == pytest.approx(0.0, abs=1e-6)
+    assert not any("precise" in key for key in records[0])
+    estimators.remove()

@@ -118,3 +118,79 @@ def test_committed_batch_size_numbers_are_rebuilt_from_the_committed_run_logs(tm
     make_figure("make_batch_size_figure.py", results / "runs", tmp_path)
     assert (tmp_path / f"{name}.json").read_bytes() == (results / f"{name}.json").read_bytes()
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+# Issue 22's designs, shortened: the conv net in both designs, and BN-Inception's statistics at
+# a large batch. In `make test-full` (each about a minute on 2 cores).
+CONV_SHORT = ("seeds=[1,2]", "epochs=1", "data.train_size=400", "data.val_size=200")
+
+
+@pytest.mark.slow
+def test_batch_size_conv_designs_run_and_plot(tmp_path, fashion_root):
+    sweep = tmp_path / "batch_size_conv"
+    data_dir = f"paths.data_dir={fashion_root}"
+    for overrides in (
+        ("experiment=batch_size_conv/wu_he", "data.batch_size=4,32", "norm=bn,group_norm"),
+        (
+            "experiment=batch_size_conv/ghost",
+            "norm=bn,batch_renorm_scaled",
+            "+model.bn.ghost_batch=4",
+        ),
+    ):
+        proc = run_train(
+            "-m", *overrides, f"hydra.sweep.dir={sweep}", *CONV_SHORT, data_dir, *SHORT
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    data = make_figure("make_batch_size_conv_figure.py", sweep, tmp_path / "out")
+    wu_he, ghost = data["designs"]["wu_he"], data["designs"]["ghost"]
+    assert set(wu_he) == {"bn", "group_norm"} and set(wu_he["bn"]) == {"4", "32"}
+    # The ghost design's g = 32 is Wu & He's batch-32 run; g = 4 its own.
+    assert set(ghost["bn"]) == {"4", "32"} and set(ghost["batch_renorm"]) == {"4"}
+    assert ghost["bn"]["32"] == wu_he["bn"]["32"]
+    assert data["epochs_train_size_lr_at_32"] == [[1, 400, 0.1]]
+    steps = {r.arm: r.summary["steps"] for r in find_runs(sweep)}
+    assert steps["bn_b4"] == 100 and steps["bn_g4"] == steps["group_norm_b32"] == 12
+
+
+@pytest.mark.slow
+def test_bn_stats_at_a_large_batch_records_layer_errors_and_plots(tmp_path, fashion_root):
+    sweep = tmp_path / "bn_stats_large"
+    proc = run_train(
+        "-m",
+        "experiment=bn_stats_large/bn",
+        "seeds=[1,2]",
+        "data.batch_size=64",
+        "data.train_size=640",
+        "data.val_size=200",
+        "trainer.steps=6",
+        "trainer.eval_every=2",
+        "optim.schedule.warmup_steps=3",
+        "trainer.bn_stats_probe.population_batches=2",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.data_dir={fashion_root}",
+        *SHORT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = make_figure("make_bn_stats_large_figure.py", sweep, tmp_path / "out")
+    assert data["high_rate_steps"] == [4, 6] and data["warmup_steps"] == 3
+    est = data["estimates"]
+    assert est["precise"]["gap_high_rate"]["values"] == [0.0, 0.0]
+    layers = len(est["ema_0.1"]["mean_err"]["per_layer_high_rate"][0])
+    assert layers == 69  # every BN layer of the scaled BN-Inception
+    # The cumulative average and Algorithm 2 sit far closer to precise BN than the EMAs right
+    # after the start (every layer's EMA still holds most of its initial 0 / 1).
+    assert (
+        est["cumulative"]["mean_err"]["high_rate_median"]["mean"]
+        < est["ema_0.01"]["mean_err"]["high_rate_median"]["mean"]
+    )
+
+
+def test_committed_bn_stats_large_numbers_are_rebuilt_from_the_committed_run_logs(tmp_path):
+    """`make figures` on the committed BN-Inception runs at batch 2048 gives their JSON back."""
+    results = REPO / "results" / "bn_stats" / "large"
+    make_figure("make_bn_stats_large_figure.py", results / "runs", tmp_path)
+    name = "bn_stats_large.json"
+    assert (tmp_path / name).read_bytes() == (results / name).read_bytes()
+    data = json.loads((tmp_path / name).read_text())
+    assert data["batch_size"] == 2048 and len(data["seeds"]) == 3
+    assert len(data["estimates"]["ema_0.1"]["mean_err"]["per_layer_high_rate"][0]) == 69

@@ -219,11 +219,38 @@ def test_follow_up_verdicts_on_hand_made_results(tmp_path):
     (tmp_path / "bn_stats" / "bn_stats.json").write_text(
         json.dumps({"batch_sizes": {"8": {"estimates": estimates}, "60": {"estimates": estimates}}})
     )
+    large = {
+        name: {"gap_high_rate": spread(gap), "mean_err": {"high_rate_median": spread(err)}}
+        for name, gap, err in [
+            ("ema_0.1", -2.0, 0.3),
+            ("ema_0.01", -4.0, 0.5),
+            ("cumulative", -6.0, 0.6),
+            ("algorithm2", -0.1, 0.01),
+        ]
+    }
+    (tmp_path / "bn_stats" / "large").mkdir()
+    (tmp_path / "bn_stats" / "large" / "bn_stats_large.json").write_text(
+        json.dumps(
+            {
+                "estimates": large,
+                "high_rate_steps": [24, 32, 120],
+                "warmup_steps": 20,
+                "batch_size": 2048,
+                "peak_lr": 0.768,
+            }
+        )
+    )
     errors = {"bn": (30.0, 3.0), "batch_renorm": (10.0, 3.1), "group_norm": (5.0, 3.2)}
-    norms = {n: {"2": spread(e2), "32": spread(e32)} for n, (e2, e32) in errors.items()}
-    norms["layer_norm"] = {"2": spread(6.0), "32": spread(3.0)}  # equal to BN's at 32
-    (tmp_path / "batch_size").mkdir()
-    (tmp_path / "batch_size" / "batch_size.json").write_text(json.dumps({"norms": norms}))
+    wu_he = {n: {"2": spread(e2), "32": spread(e32)} for n, (e2, e32) in errors.items()}
+    wu_he["layer_norm"] = {"2": spread(6.0), "32": spread(3.0)}  # equal to BN's at 32
+    ghost = {
+        "bn": {"2": spread(20.0), "4": spread(12.0), "32": spread(3.0)},
+        "batch_renorm": {"2": spread(9.0), "4": spread(5.0), "32": spread(3.1)},
+    }
+    (tmp_path / "batch_size_conv").mkdir()
+    (tmp_path / "batch_size_conv" / "batch_size_conv.json").write_text(
+        json.dumps({"designs": {"wu_he": wu_he, "ghost": ghost}})
+    )
 
     rows = {r.claim.claim: r for r in follow_up_rows(tmp_path)}
     noisy = rows["Noisy BN (unstable distributions) trains about as well as BN, better than no BN"]
@@ -239,7 +266,10 @@ def test_follow_up_verdicts_on_hand_made_results(tmp_path):
         rows["EMA statistics trail the weights: precise BN tests better through training"].verdict
         == REPRODUCED
     )
-    assert rows["Batch Renorm beats BN with small batches"].verdict == REPRODUCED
+    ema = rows["EMA statistics trail the weights: precise BN tests better through training"]
+    assert "mean of the 3 evaluations at steps 24-120 (after the 20-step warm-up)" in ema.ours
+    renorm = rows["Batch Renorm beats BN with small batches"]
+    assert renorm.verdict == REPRODUCED and "micro-batches of 4: 7.00" in renorm.ours
     assert rows["BN's error rises as the batch shrinks; GroupNorm's does not"].verdict == REPRODUCED
     usual = rows["At the usual batch size BN is at least as good as GroupNorm and LayerNorm"]
     assert usual.verdict == PARTLY and "LN - BN: 0.00" in usual.ours

@@ -12,6 +12,21 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
 PERCENTILE_STYLES = {"p15": ":", "p50": "-", "p85": "--"}
+# Each estimate of BN's inference statistics (measures/bn_estimators.py) in the figures.
+ESTIMATE_LABELS = {
+    "ema_0.1": "EMA, momentum 0.1 (torch's default)",
+    "ema_0.01": "EMA, momentum 0.01",
+    "cumulative": "cumulative average",
+    "algorithm2": "Algorithm 2 (K batches)",
+    "precise": "precise BN (whole training set)",
+}
+ESTIMATE_COLORS = {
+    "ema_0.1": "tab:red",
+    "ema_0.01": "tab:orange",
+    "cumulative": "tab:green",
+    "algorithm2": "tab:blue",
+    "precise": "black",
+}
 # Each model.norm's name and colour in the batch-size figures.
 NORM_LABELS = {
     "none": "no normalisation",

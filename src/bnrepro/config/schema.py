@@ -382,6 +382,9 @@ class Schedule(_Section):
     gamma: Rate
     base_every_steps: PositiveFloat
     every_steps: PositiveFloat
+    # A linear warm-up over this many first steps (Goyal et al. 2017, for large batches); not
+    # in configs/optim: absent is none, and leaves every run's hash as it was.
+    warmup_steps: NonNegativeInt = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -444,6 +447,9 @@ class BNStatsProbeConfig(_Section):
 
     ema_momenta: Annotated[list[Rate], expect("a list of numbers in (0, 1]")]
     population_batches: PositiveInt  # Algorithm 2's K
+    # Also each estimate's error against precise statistics, per BN layer (bn_estimators.py:
+    # `layer_errors`). Absent: off, and every run's hash as it was.
+    layer_errors: StrictBool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,11 @@ tests the network with each estimate of every layer's inference mean and varianc
   the population estimate the others are compared with (with ghost batches too: the whole
   training set's statistics, whatever the groups a training step normalises over).
 
+With `layer_errors`, each evaluation also records how far each estimate is from the precise
+statistics in every BN layer (`layer_errors`): the mean error in units of the precise standard
+deviation, |mu - mu_precise| / sigma_precise, and the standard deviation's log-ratio,
+|log(sigma / sigma_precise)|, each averaged over the layer's channels (of one member).
+
 The EMAs and the cumulative average are tracked by forward pre-hooks on the BN layers during
 training steps only (`active`); the network's own buffers are never changed: each estimate
 is copied in for its evaluation and the buffers are put back. Tracked estimates are not
@@ -64,9 +69,14 @@ class StatsEstimators:
     """Estimates of every BN layer's inference statistics (see the module docstring)."""
 
     def __init__(
-        self, model: nn.Module, ema_momenta: Sequence[float], population_batches: int
+        self,
+        model: nn.Module,
+        ema_momenta: Sequence[float],
+        population_batches: int,
+        layer_errors: bool = False,
     ) -> None:
         self.model = model
+        self.layer_errors = layer_errors
         self.layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         self.momenta = list(ema_momenta)
         self.population_batches = population_batches
@@ -195,8 +205,38 @@ class StatsEstimators:
                     if records is None:
                         records = [{} for _ in results]
                     for record, result in zip(records, results, strict=True):
-                        record[f"bn_stats/{name}/test_acc"] = result["test/acc"]
-                        record[f"bn_stats/{name}/test_loss"] = result["test/loss"]
+                        # test/acc -> bn_stats/<name>/test_acc (val/acc with a validation split)
+                        for key, value in result.items():
+                            record[f"bn_stats/{name}/{key.replace('/', '_')}"] = value
             finally:
                 self.load(own)
+            if records and self.layer_errors:
+                errors = layer_errors(self, estimates, len(records))
+                for record, layer_record in zip(records, errors, strict=True):
+                    record.update(layer_record)
         return records or []
+
+
+def layer_errors(
+    estimators: StatsEstimators, estimates: dict[str, Stats], members: int
+) -> list[dict[str, float]]:
+    """Per member: every estimate's error against the precise statistics in each BN layer i
+    (module order), ``bn_stats/<estimate>/mean_err/<i>`` = mean over channels of
+    |mu - mu_p| / sqrt(var_p + eps) and ``.../std_err/<i>`` = mean over channels of
+    |log(sqrt(var + eps) / sqrt(var_p + eps))|. A layer's channels are member-major (stacked
+    networks: member m's block m of the M*C channels)."""
+    precise = estimates["precise"]
+    records: list[dict[str, float]] = [{} for _ in range(members)]
+    for name, stats in estimates.items():
+        if name == "precise":
+            continue
+        for i, ((mean, var), (p_mean, p_var), layer) in enumerate(
+            zip(stats, precise, estimators.layers, strict=True)
+        ):
+            p_std = (p_var + layer.eps).sqrt()
+            mean_err = ((mean - p_mean).abs() / p_std).chunk(members)
+            std_err = ((var + layer.eps).sqrt() / p_std).log().abs().chunk(members)
+            for record, m_err, s_err in zip(records, mean_err, std_err, strict=True):
+                record[f"bn_stats/{name}/mean_err/{i:02d}"] = m_err.mean().item()
+                record[f"bn_stats/{name}/std_err/{i:02d}"] = s_err.mean().item()
+    return records

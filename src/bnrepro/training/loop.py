@@ -29,7 +29,7 @@ from bnrepro.measures.ics import measured_step
 from bnrepro.measures.probes import nonlinearity_input_percentiles
 from bnrepro.models.batchnorm import BNStats
 from bnrepro.tasks.task import Task
-from bnrepro.training.optim import StepwiseExponentialLR
+from bnrepro.training.optim import StepwiseExponentialLR, WarmupExponentialLR
 from bnrepro.training.placement import Placement, autocast
 from bnrepro.training.plateau import plateaued
 
@@ -176,7 +176,7 @@ def evaluation_records(
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: StepwiseExponentialLR | None,
+    scheduler: StepwiseExponentialLR | WarmupExponentialLR | None,
     task: Task,
     trainer: TrainerConfig,
     placement: Placement,

@@ -52,10 +52,32 @@ class StepwiseExponentialLR(torch.optim.lr_scheduler.ExponentialLR):
             self.step()
 
 
+class WarmupExponentialLR(torch.optim.lr_scheduler.LambdaLR):
+    """Goyal et al. 2017's gradual warm-up, then StepwiseExponentialLR's decay: at step s
+    (from 0) the rate is lr * min(1, (s + 1) / warmup_steps) * gamma ** (s // every_steps)."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, gamma: float, every_steps: int, warmup_steps: int
+    ) -> None:
+        every = max(1, int(every_steps))
+        super().__init__(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * gamma ** (s // every)
+        )
+
+    def step_batch(self) -> None:
+        """Call once per training step."""
+        self.step()
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig
-) -> StepwiseExponentialLR | None:
-    """The paper's exponential decay (Section 4.2), or None for a constant rate."""
+) -> StepwiseExponentialLR | WarmupExponentialLR | None:
+    """The paper's exponential decay (Section 4.2), after a linear warm-up where
+    optim.schedule.warmup_steps is set; None for a constant rate."""
     if cfg.schedule is None:
         return None
+    if cfg.schedule.warmup_steps:
+        return WarmupExponentialLR(
+            optimizer, cfg.schedule.gamma, cfg.schedule.every_steps, cfg.schedule.warmup_steps
+        )
     return StepwiseExponentialLR(optimizer, cfg.schedule.gamma, cfg.schedule.every_steps)

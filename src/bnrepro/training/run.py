@@ -179,7 +179,9 @@ def stats_estimators(cfg: RunConfig, network: torch.nn.Module) -> StatsEstimator
     probe = cfg.trainer.bn_stats_probe
     if probe is None:
         return None
-    return StatsEstimators(network, probe.ema_momenta, probe.population_batches)
+    return StatsEstimators(
+        network, probe.ema_momenta, probe.population_batches, layer_errors=probe.layer_errors
+    )
 
 
 def progress_label(cfg: RunConfig) -> str:
