@@ -39,6 +39,7 @@ DESIGNS = {
     "batch_size_conv/ghost": "ghost",
 }
 REFERENCE_BATCH = 32  # the SGD batch of the ghost design, and Wu & He's images per GPU
+GHOST_NORMS = ("bn", "batch_renorm")  # the norms with batch statistics: the ghost design's
 FLOOR = 10.0  # the error axis starts here (log scale): intervals below it are drawn to it
 
 
@@ -74,7 +75,7 @@ def collect(runs: list[RunRecord]) -> dict:
         }
     # The ghost design's g = 32 is the whole batch: the Wu & He runs at batch 32.
     for norm, rows in tables["wu_he"].items():
-        if str(REFERENCE_BATCH) in rows:
+        if norm in GHOST_NORMS and str(REFERENCE_BATCH) in rows:
             tables["ghost"].setdefault(norm, {})[str(REFERENCE_BATCH)] = rows[str(REFERENCE_BATCH)]
     found = any(tables[d] for d in tables)
     return {
@@ -134,7 +135,7 @@ def plot(data: dict, path: Path) -> None:
     wu.set_title("Wu & He's design: SGD batch = normalisation batch")
     wu.legend(title="mean, 95 % t interval over seeds", fontsize=8, title_fontsize=8)
 
-    _panel(ghost, designs["ghost"], ["bn", "batch_renorm"])
+    _panel(ghost, designs["ghost"], list(GHOST_NORMS))
     for norm in ("group_norm", "layer_norm"):  # no batch statistics: one value at batch 32
         row = designs["wu_he"].get(norm, {}).get(str(REFERENCE_BATCH))
         if row is not None:

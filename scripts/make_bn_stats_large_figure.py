@@ -16,7 +16,7 @@ Writes bn_stats_large.png:
 (d) the standard deviation's error |log(sigma / sigma_precise)| per layer, likewise.
 
 bn_stats_large.json holds every seed's numbers. "The high-rate phase" is every evaluation
-after the warm-up (step > optim.schedule.warmup_steps), where the rate is 0.5-0.77 here; the
+after the warm-up (step > optim.schedule.warmup_steps), where the rate is 0.64-0.77 here; the
 gap of an estimate is its accuracy minus precise BN's on the same weights, averaged over those
 evaluations per seed.
 """

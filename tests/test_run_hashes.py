@@ -21,7 +21,7 @@ from .conftest import CONFIGS
 PINNED = {
     "experiment=batch_size/grid": "cf458d28",
     "experiment=bn_stats/bn": "41bfbdc5",
-    "experiment=bn_stats_large/bn": "bfef3960",
+    "experiment=bn_stats_large/bn": "3a586288",
     "experiment=batch_size_conv/wu_he": "d1476162",
     "experiment=batch_size_conv/ghost": "d1476162",  # no ghost batch: wu_he at batch 32
     "experiment=batch_size_conv/lr_search": "d1476162",  # = wu_he's: the rate is the sweep's
