@@ -14,6 +14,7 @@ convolutions in place of pooling, a global average pool and a linear classifier.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,7 @@ def conv_stages(
 class ConvNet(nn.Module):
     """Conv units of `widths` channels with `strides`, global average pooling, [dropout] and a
     linear classifier. He-normal convolutions over fan_in, N(0, 0.01) classifier (as
-    BNInception), zero biases."""
+    BNInception), zero biases. With `members` (StackedConvNet), that many side by side."""
 
     def __init__(
         self,
@@ -57,19 +58,32 @@ class ConvNet(nn.Module):
         in_channels: int = 1,
         widths: Sequence[int] = (32, 64, 64),
         strides: Sequence[int] = (2, 2, 1),
+        members: int | None = None,
     ) -> None:
         super().__init__()
         self.normalization, self.activation = norm, activation
-        self.stages = conv_stages(norm, activation, in_channels, widths, strides, None)
+        self.stages = conv_stages(norm, activation, in_channels, widths, strides, members)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = nn.Linear(widths[-1], num_classes)
-        self.reset_parameters()
+        self.classifier = (
+            nn.Linear(widths[-1], num_classes)
+            if members is None
+            else StackedClassifier(members, widths[-1], num_classes)
+        )
+        self.reset_parameters(members or 1)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """He-normal convolutions (fan_in), N(0, 0.01) classifier, zero biases."""
-        init_conv_net(self, members=1)
+    def reset_parameters(self, members: int = 1) -> None:
+        """He-normal convolutions over each member's own fan_in, N(0, 0.01) classifier, zero
+        biases; norms keep their own initialisation (gamma 1, beta 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                for block in module.weight.chunk(members):
+                    nn.init.kaiming_normal_(block, mode="fan_in", nonlinearity=self.activation)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.classifier.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def nonlinearities(self) -> dict[str, nn.Module]:
         """Every conv unit's activation module, by stage name (conv1, conv2, ...)."""
@@ -81,60 +95,18 @@ class ConvNet(nn.Module):
         return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
 
 
-class StackedConvNet(MemberStack):
+class StackedConvNet(MemberStack, ConvNet):
     """`members` ConvNets of identical shape as one module (models/stacked_inception.py says
     how): input (M, B, C, H, W) or one (B, C, H, W) batch for all; logits (M, B, classes).
     Activations are channels_last, as StackedBNInception's (oneDNN's grouped convolutions are
     faster so on CPU)."""
 
     def __init__(
-        self,
-        members: int,
-        num_classes: int = 10,
-        *,
-        norm: Normalization,
-        activation: str = "relu",
-        dropout: float = 0.0,
-        in_channels: int = 1,
-        widths: Sequence[int] = (32, 64, 64),
-        strides: Sequence[int] = (2, 2, 1),
-        channels_last: bool = True,
+        self, members: int, num_classes: int = 10, *, channels_last: bool = True, **kwargs: Any
     ) -> None:
-        super().__init__()
+        ConvNet.__init__(self, num_classes, members=members, **kwargs)
         self.members = members
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.normalization, self.activation = norm, activation
-        self.stages = conv_stages(norm, activation, in_channels, widths, strides, members)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.classifier = StackedClassifier(members, widths[-1], num_classes)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """ConvNet.reset_parameters for each member (from one random stream)."""
-        init_conv_net(self, members=self.members)
-
-    def nonlinearities(self) -> dict[str, nn.Module]:
-        """Every conv unit's activation, by stage name; inputs (B, M*C, H, W)."""
-        return {name: unit.act for name, unit in self.stages.items()}
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.member_channels(x)
-        for unit in self.stages.values():
-            x = unit(x)
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
-
-
-@torch.no_grad()
-def init_conv_net(network: nn.Module, members: int) -> None:
-    """He-normal convolutions over each member's own fan_in, N(0, 0.01) classifier, zero
-    biases; norms keep their own initialisation (gamma 1, beta 0)."""
-    for module in network.modules():
-        if isinstance(module, nn.Conv2d):
-            for block in module.weight.chunk(members):
-                nn.init.kaiming_normal_(block, mode="fan_in", nonlinearity=network.activation)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    nn.init.normal_(network.classifier.weight, mean=0.0, std=0.01)
-    nn.init.zeros_(network.classifier.bias)
+        return ConvNet.forward(self, self.member_channels(x))
