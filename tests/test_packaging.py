@@ -59,6 +59,6 @@ def test_every_results_folder_has_a_reproduce_target_and_a_figure():
         runs = folder.relative_to(REPO).as_posix()
         assert f"--runs {runs} --out" in figures, runs
         assert "collect_runs.py" in reproduce and f" {runs}\n" in reproduce, runs
-    # One sweep per experiment, and the learning-rate searches of fig2-small and ics before
-    # their sweeps.
-    assert reproduce.count("-m bnrepro.train --multirun") == len(experiments.group(1).split()) + 2
+    # One sweep per experiment; before their sweeps, the learning-rate searches of fig2-small,
+    # ics and batch-size, batch-size's ghost design and bn-stats' large-batch run.
+    assert reproduce.count("-m bnrepro.train --multirun") == len(experiments.group(1).split()) + 5
