@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -110,50 +111,60 @@ class BatchRenorm(nn.Module):
             raise ValueError(
                 f"expected input of shape (N, {self.num_features}, *), got {tuple(x.shape)}"
             )
-        shape = (1, -1) + (1,) * (x.dim() - 2)  # per-channel vectors broadcast against x
-
-        def per_channel(v: Tensor) -> Tensor:
-            return v.view(shape)
-
         if not self.training:
-            x_hat = (x - per_channel(self.running_mean)) / per_channel(self.running_std)
-            return per_channel(self.weight) * x_hat + per_channel(self.bias)
+            # gamma * (x - mu) / sigma + beta: torch's BN kernel in evaluation mode, with
+            # variance sigma^2 and eps 0 (sigma already holds the eps of training).
+            var = self.running_std.square()
+            return F.batch_norm(x, self.running_mean, var, self.weight, self.bias, False, 0.0, 0.0)
 
         if x.numel() == x.shape[1]:
             raise ValueError(
                 f"expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
-        # (groups, examples per group, C, *): the whole batch is one group without ghosts.
+        # Ghost batches as channels, as GhostBatchNorm lays them out (models/batchnorm.py):
+        # (g, C*n, *) with channel c*n + k the channel c of group k; n = 1 without ghosts.
         g = x.shape[0] if self.ghost_batch is None else self.ghost_batch
         if x.shape[0] % g:
             raise ValueError(
                 f"a batch of {x.shape[0]} examples does not split into ghost batches of {g}"
             )
-        grouped = x.reshape(x.shape[0] // g, g, *x.shape[1:])
-        group_shape = (grouped.shape[0], 1, -1) + (1,) * (x.dim() - 2)
-        dims = [1, *range(3, grouped.dim())]
-        var_b, mu_b = torch.var_mean(grouped, dim=dims, correction=0)  # Alg. 1: biased, (G, C)
-        sigma_b = torch.sqrt(var_b + self.eps)
+        groups, rest = x.shape[0] // g, x.shape[2:]
+        grouped = x
+        if groups > 1:
+            grouped = x.reshape(groups, g, x.shape[1], *rest).movedim(0, 2).reshape(g, -1, *rest)
+        dims = [d for d in range(grouped.dim()) if d != 1]
 
         # The limits of this step come from the batches seen before it (the count is bumped
         # below). r and d are constants for backprop (the paper's stop_gradient): gradients flow
         # through mu_B and sigma_B as in BN, and r, d only correct the output towards the
-        # moving averages.
+        # moving averages. So the output is BN's with gamma * r for gamma and gamma * d + beta
+        # for beta: torch's BN kernel computes it, forward and backward, in one pass each
+        # instead of an autograd graph of six elementwise ops (same values to rounding; tests/
+        # test_batch_renorm.py checks them against Algorithm 1 in NumPy).
         r_max_t, d_max_t = self.limits()
         with torch.no_grad():
-            r = (sigma_b / self.running_std).clamp(1.0 / r_max_t, r_max_t)
-            d = ((mu_b - self.running_mean) / self.running_std).clamp(-d_max_t, d_max_t)
-
-        def per_group(v: Tensor) -> Tensor:
-            return v.view(group_shape)
-
-        x_hat = (grouped - per_group(mu_b)) / per_group(sigma_b) * per_group(r) + per_group(d)
-        y = per_channel(self.weight) * x_hat.view_as(x) + per_channel(self.bias)
+            var_b, mu_b = torch.var_mean(grouped, dim=dims, correction=0)  # Alg. 1: biased
+            sigma_b = torch.sqrt(var_b + self.eps)
+            running_mean = self.running_mean.repeat_interleave(groups)
+            running_std = self.running_std.repeat_interleave(groups)
+            r = (sigma_b / running_std).clamp(1.0 / r_max_t, r_max_t)
+            d = ((mu_b - running_mean) / running_std).clamp(-d_max_t, d_max_t)
+        gamma = self.weight.repeat_interleave(groups)
+        beta = self.bias.repeat_interleave(groups)
+        y = F.batch_norm(grouped, None, None, gamma * r, gamma * d + beta, True, 0.0, self.eps)
+        if groups > 1:
+            y = y.reshape(g, x.shape[1], groups, *rest).movedim(2, 0).reshape(x.shape)
+            channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            y = y.contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
 
         with torch.no_grad():
-            # The paper averages sigma_B itself, not the variance (inference divides by it).
-            mu_b, sigma_b = mu_b.detach().mean(dim=0), sigma_b.detach().mean(dim=0)
+            # The paper averages sigma_B itself, not the variance (inference divides by it);
+            # with ghost batches, over the groups.
+            mu_b = mu_b.view(-1, groups).mean(dim=1)
+            sigma_b = sigma_b.view(-1, groups).mean(dim=1)
             self.running_mean.add_(self.momentum * (mu_b - self.running_mean))
             self.running_std.add_(self.momentum * (sigma_b - self.running_std))
             self.num_batches_tracked.add_(1)
