@@ -6,7 +6,8 @@ A run directory is named by the hash of the settings that define its result
 adds a key or drops one changes these hashes and orphans every run made before it: this test
 says so. The values were computed at commit 8355403 (fig2_small's at issue 21's redesign,
 which defines new results: validation split, plateau rule, 100-step evaluations; ics's at issue
-22's: Algorithm 1's noise, training accuracy, the measured step range); change them
+22's: Algorithm 1's noise, training accuracy, the measured step range; batch_size_conv's at
+its evaluation once an epoch); change them
 only with a change that is meant to define new results (and say so in its commit).
 """
 
@@ -22,9 +23,9 @@ PINNED = {
     "experiment=batch_size/grid": "cf458d28",
     "experiment=bn_stats/bn": "41bfbdc5",
     "experiment=bn_stats_large/bn": "3a586288",
-    "experiment=batch_size_conv/wu_he": "d1476162",
-    "experiment=batch_size_conv/ghost": "d1476162",  # no ghost batch: wu_he at batch 32
-    "experiment=batch_size_conv/lr_search": "d1476162",  # = wu_he's: the rate is the sweep's
+    "experiment=batch_size_conv/wu_he": "d95201c0",
+    "experiment=batch_size_conv/ghost": "d95201c0",  # no ghost batch: wu_he at batch 32
+    "experiment=batch_size_conv/lr_search": "d95201c0",  # = wu_he's: the rate is the sweep's
     "experiment=ics/baseline": "197b934f",
     "experiment=ics/bn": "76bae88b",
     "experiment=ics/noisy_bn": "59f538dc",
