@@ -120,6 +120,47 @@ def test_ghost_batch_renorm_against_numpy():
     assert not np.allclose(out, whole)  # the groups matter
 
 
+def test_ghost_batch_renorm_gradients_are_each_groups_own():
+    """Backprop through ghost Batch Renorm: each group's input gradient is a plain layer's on
+    that group alone (test_batch_renorm.py checks those against Algorithm 1), and gamma's and
+    beta's gradients are the groups' sum; a channels_last input keeps its layout."""
+    torch.manual_seed(0)
+    settings = dict(r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0, eps=EPS)
+    x = (torch.randn(8, 3, 4, 5, dtype=torch.float64) * 2 + 1).contiguous(
+        memory_format=torch.channels_last
+    )
+    g = torch.randn(8, 3, 4, 5, dtype=torch.float64)
+
+    def prepared(layer: BatchRenorm) -> BatchRenorm:
+        with torch.no_grad():  # moving averages away from the batches': r and d do work
+            layer.running_mean.copy_(torch.tensor([0.5, -0.5, 1.0]))
+            layer.running_std.copy_(torch.tensor([0.5, 2.0, 1.0]))
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            layer.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+        return layer
+
+    ghost = prepared(BatchRenorm(3, ghost_batch=G, **settings).double())
+    xg = x.clone().requires_grad_()
+    out = ghost(xg)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    (out * g).sum().backward()
+    weight_grad, bias_grad = (
+        torch.zeros(3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+    )
+    for k in range(0, 8, G):
+        plain = prepared(BatchRenorm(3, **settings).double())
+        xk = x[k : k + G].clone().requires_grad_()
+        yk = plain(xk)
+        (yk * g[k : k + G]).sum().backward()
+        torch.testing.assert_close(out[k : k + G], yk, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xg.grad[k : k + G], xk.grad, rtol=1e-10, atol=1e-10)
+        weight_grad += plain.weight.grad
+        bias_grad += plain.bias.grad
+    torch.testing.assert_close(ghost.weight.grad, weight_grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ghost.bias.grad, bias_grad, rtol=1e-10, atol=1e-10)
+
+
 def test_stacked_ghost_batch_renorm_is_each_members_own():
     torch.manual_seed(0)
     stacked = StackedBatchRenorm(2, 3, warmup_steps=0, r_max_steps=0, d_max_steps=0, ghost_batch=G)
