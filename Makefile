@@ -181,10 +181,9 @@ ics_FIGURE := make_ics_figure.py
 ics_OUT := $(ICS_RESULTS)
 
 # The largest jobs (the smallest batches) first: data.batch_size varies slowest in the sweep.
-bn-stats_HELP := BN's inference statistics (EMA, cumulative, Alg. 2, precise): MLP by batch size, BN-Inception at 2048, results/bn_stats/
+bn-stats_HELP := BN's inference statistics (EMA, cumulative, Alg. 2, precise) on the MLP by batch size, results/bn_stats/
 bn-stats_SWEEP := experiment=bn_stats/bn data.batch_size=$(BN_STATS_BATCH_SIZES) \
 	"seeds=$(BN_STATS_SEEDS)"
-bn-stats_BEFORE := reproduce-bn-stats-large
 bn-stats_DIR := $(BN_STATS_SWEEP_DIR)
 bn-stats_RUNS := $(BN_STATS_RESULTS)/runs
 bn-stats_FIGURE := make_bn_stats_figure.py
