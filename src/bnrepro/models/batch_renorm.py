@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnrepro.models.batchnorm import from_ghost_layout, group_average, to_ghost_layout
+
 
 class BatchRenorm(nn.Module):
     """Batch renormalization over channel dim 1 of (N, C, *) inputs (Algorithm 1).
@@ -122,17 +124,11 @@ class BatchRenorm(nn.Module):
                 f"expected more than 1 value per channel when training, got input size "
                 f"{tuple(x.shape)}"
             )
-        # Ghost batches as channels, as GhostBatchNorm lays them out (models/batchnorm.py):
-        # (g, C*n, *) with channel c*n + k the channel c of group k; n = 1 without ghosts.
-        g = x.shape[0] if self.ghost_batch is None else self.ghost_batch
-        if x.shape[0] % g:
-            raise ValueError(
-                f"a batch of {x.shape[0]} examples does not split into ghost batches of {g}"
-            )
-        groups, rest = x.shape[0] // g, x.shape[2:]
-        grouped = x
-        if groups > 1:
-            grouped = x.reshape(groups, g, x.shape[1], *rest).movedim(0, 2).reshape(g, -1, *rest)
+        # Ghost batches as channels (models/batchnorm.py's layout, GhostBatchNorm's): channel
+        # c*n + k of (g, C*n, *) is channel c of group k; n = 1 without ghosts.
+        grouped, groups = x, 1
+        if self.ghost_batch is not None:
+            grouped, groups = to_ghost_layout(x, self.ghost_batch)
         dims = [d for d in range(grouped.dim()) if d != 1]
 
         # The limits of this step come from the batches seen before it (the count is bumped
@@ -153,18 +149,13 @@ class BatchRenorm(nn.Module):
         gamma = self.weight.repeat_interleave(groups)
         beta = self.bias.repeat_interleave(groups)
         y = F.batch_norm(grouped, None, None, gamma * r, gamma * d + beta, True, 0.0, self.eps)
-        if groups > 1:
-            y = y.reshape(g, x.shape[1], groups, *rest).movedim(2, 0).reshape(x.shape)
-            channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            y = y.contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format
-            )
+        if self.ghost_batch is not None:
+            y = from_ghost_layout(y, x, groups)
 
         with torch.no_grad():
             # The paper averages sigma_B itself, not the variance (inference divides by it);
             # with ghost batches, over the groups.
-            mu_b = mu_b.view(-1, groups).mean(dim=1)
-            sigma_b = sigma_b.view(-1, groups).mean(dim=1)
+            mu_b, sigma_b = group_average(mu_b, groups), group_average(sigma_b, groups)
             self.running_mean.add_(self.momentum * (mu_b - self.running_mean))
             self.running_std.add_(self.momentum * (sigma_b - self.running_std))
             self.num_batches_tracked.add_(1)

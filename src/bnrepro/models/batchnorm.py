@@ -115,9 +115,27 @@ def ghost_groups(batch: int, ghost_batch: int) -> int:
     return batch // ghost_batch
 
 
-def _group_average(stat: Tensor, groups: int) -> Tensor:
+def group_average(stat: Tensor, groups: int) -> Tensor:
     """Per channel, the average over groups of a grouped layout's (channel c*groups + k)."""
     return stat.view(-1, groups).mean(dim=1)
+
+
+def to_ghost_layout(x: Tensor, ghost_batch: int) -> tuple[Tensor, int]:
+    """(N, C, ...) `x` as (g, C*n, ...), its n groups of g consecutive examples as channels:
+    channel c*n + k is channel c of group k, so per-channel statistics are per group; and n."""
+    groups = ghost_groups(x.shape[0], ghost_batch)
+    rest = x.shape[2:]
+    per_group = x.reshape(groups, ghost_batch, x.shape[1], *rest)
+    return per_group.movedim(0, 2).reshape(ghost_batch, -1, *rest), groups
+
+
+def from_ghost_layout(out: Tensor, like: Tensor, groups: int) -> Tensor:
+    """`to_ghost_layout` undone: `out` back to the shape and memory format of `like`."""
+    channels, rest = like.shape[1], like.shape[2:]
+    out = out.reshape(out.shape[0], channels, groups, *rest).movedim(2, 0)
+    channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return out.reshape(like.shape).contiguous(memory_format=layout)
 
 
 def ghost_batch_norm(layer: _BatchNorm, grouped: Tensor, groups: int) -> Tensor:
@@ -145,7 +163,7 @@ def ghost_batch_norm(layer: _BatchNorm, grouped: Tensor, groups: int) -> Tensor:
                 factor = 1.0 / float(layer.num_batches_tracked)
         with torch.no_grad():  # torch's order: momentum * new + (1 - momentum) * running
             for running, stat in ((layer.running_mean, mean), (layer.running_var, var)):
-                running.mul_(1.0 - factor).add_(_group_average(stat, groups).mul_(factor))
+                running.mul_(1.0 - factor).add_(group_average(stat, groups).mul_(factor))
     return out
 
 
@@ -155,7 +173,7 @@ def ghost_batch_stats(layer: _BatchNorm, x: Tensor) -> tuple[Tensor, Tensor]:
     grouped, groups = layer.grouped(x.detach())
     dims = [d for d in range(grouped.dim()) if d != 1]
     var, mean = torch.var_mean(grouped, dim=dims, correction=1)
-    return _group_average(mean, groups), _group_average(var, groups)
+    return group_average(mean, groups), group_average(var, groups)
 
 
 class _GhostBatchNorm:
@@ -170,22 +188,14 @@ class _GhostBatchNorm:
 
     def grouped(self, x: Tensor) -> tuple[Tensor, int]:
         """`x` as (g, C*n, ...), the n groups of g examples as channels c*n + k; and n."""
-        groups = ghost_groups(x.shape[0], self.ghost_batch)
-        rest = x.shape[2:]
-        per_group = x.reshape(groups, self.ghost_batch, x.shape[1], *rest)
-        return per_group.movedim(0, 2).reshape(self.ghost_batch, -1, *rest), groups
+        return to_ghost_layout(x, self.ghost_batch)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and self.running_mean is not None:
             return super().forward(x)  # running statistics: every example alike
         self._check_input_dim(x)
         grouped, groups = self.grouped(x)
-        out = ghost_batch_norm(self, grouped, groups)
-        channels, rest = x.shape[1], x.shape[2:]
-        out = out.reshape(self.ghost_batch, channels, groups, *rest).movedim(2, 0)
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        return out.reshape(x.shape).contiguous(memory_format=layout)
+        return from_ghost_layout(ghost_batch_norm(self, grouped, groups), x, groups)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch={self.ghost_batch}"
