@@ -7,8 +7,8 @@ adds a key or drops one changes these hashes and orphans every run made before i
 says so. The values were computed at commit 8355403 (fig2_small's at issue 21's redesign,
 which defines new results: validation split, plateau rule, 100-step evaluations; ics's at issue
 22's: Algorithm 1's noise, training accuracy, the measured step range; batch_size_conv's at
-its evaluation once an epoch); change them
-only with a change that is meant to define new results (and say so in its commit).
+its evaluation once an epoch); change them only with a change that is meant to define new
+results (and say so in its commit).
 """
 
 from __future__ import annotations
